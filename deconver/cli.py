@@ -1,0 +1,63 @@
+"""The `deconver` command: one subcommand per pipeline step.
+
+Each step lives in its own module, which defines `configure(parser)` (adds the step's arguments)
+and `run(args) -> int`. Modules are imported only when their subcommand runs, so `--help` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from deconver import __version__
+
+# name -> (module, one-line help). Order is the order of the pipeline.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("deconver.registry", "list the registered models (table or --json)"),
+    "synth": ("deconver.data.synth", "write a synthetic stand-in dataset in an official layout"),
+    "prepare": ("deconver.data.prepare", "preprocess a dataset once into the on-disk cache"),
+    "split": ("deconver.data.split", "write the stratified k-fold split file of a dataset"),
+    "train": ("deconver.engine.train", "train one (study, dataset, model, fold) run"),
+    "predict": ("deconver.engine.predict", "predict a fold's validation cases (or a folder) in native space"),
+    "evaluate": ("deconver.metrics.evaluate", "per-case, per-region metrics of a prediction folder"),
+    "complexity": ("deconver.complexity.cli", "parameters, FLOPs (two counters), latency and memory"),
+    "aggregate": ("deconver.report.aggregate", "pool per-case metrics and complexity into study tables"),
+    "report": ("deconver.report.render", "render tables, figures, statistics and the HTML report"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deconver",
+        description="Benchmark suite for medical image segmentation centred on Deconver (arXiv:2504.00302).",
+    )
+    parser.add_argument("--version", action="version", version=f"deconver {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<step>")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv or ["--help"])  # prints help / version / the error and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            print(f"deconver {name}: not available in this version ({module_name} is missing)", file=sys.stderr)
+            return 2
+        raise
+    step = argparse.ArgumentParser(prog=f"deconver {name}", description=help_text)
+    module.configure(step)
+    args = step.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

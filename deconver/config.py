@@ -1,0 +1,284 @@
+"""Typed, validated configuration: dataset presets and study configs.
+
+Presets are data (``config/datasets/<name>.yaml``); a study config (``config/*.yaml``) names datasets ×
+models × folds and overrides. Everything is validated with pydantic in strict mode, so an unknown
+key or a wrong type (the string "false" where a boolean is meant) is an error that names the key,
+e.g. ``datasets.isles22.overrides.protocol.epochs: Input should be greater than 0``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESET_DIR = REPO_ROOT / "config" / "datasets"
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=False)
+
+
+# --------------------------------------------------------------------------- dataset presets
+class Preprocessing(Strict):
+    """Deterministic preprocessing applied once by `deconver prepare`."""
+
+    orientation: str | None = Field("RAS", description="axcodes for 3D images (None keeps the native orientation)")
+    spacing: list[float] | None = Field(None, description="target spacing per axis; None keeps the native grid")
+    crop_foreground: bool = Field(True, description="crop to the non-zero bounding box of the image channels")
+    crop_margin: int = Field(10, ge=0)
+    normalize: Literal["zscore_nonzero", "zscore", "none"] = "zscore_nonzero"
+
+
+class Augmentation(Strict):
+    """Random augmentation at training time (the authors' MONAI bundle recipe by default)."""
+
+    enabled: bool = True
+    affine_prob: float = Field(0.2, ge=0, le=1)
+    rotate_range: float = Field(0.26, ge=0, description="radians, per axis")
+    scale_range: float = Field(0.2, ge=0)
+    noise_prob: float = Field(0.2, ge=0, le=1)
+    noise_std: float = Field(0.1, ge=0)
+    smooth_prob: float = Field(0.2, ge=0, le=1)
+    smooth_sigma: list[float] = Field(default_factory=lambda: [0.5, 1.0], min_length=2, max_length=2)
+    intensity_scale_prob: float = Field(0.2, ge=0, le=1)
+    intensity_scale: float = Field(0.3, ge=0)
+    intensity_shift_prob: float = Field(0.2, ge=0, le=1)
+    intensity_shift: float = Field(0.1, ge=0)
+    flip_prob: float = Field(0.5, ge=0, le=1)
+
+
+class Protocol(Strict):
+    """How every model is trained and validated on this dataset (PAPER.md §4 defaults)."""
+
+    roi_size: list[int] = Field(..., min_length=2, max_length=3, description="training crop = sliding-window roi")
+    batch_size: int = Field(..., gt=0)
+    epochs: int = Field(500, gt=0)
+    steps_per_epoch: int | None = Field(None, gt=0, description="None: one pass over the training cases")
+    val_every: int = Field(20, gt=0, description="validate every N epochs (and after the last)")
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    warmup_epochs: int = Field(5, ge=0)
+    warmup_start_factor: float = Field(0.1, gt=0, le=1)
+    loss: Literal["dicece"] = "dicece"
+    pos_neg_ratio: float = Field(1.0, ge=0, description="foreground:background ratio of random crops")
+    sw_overlap: float = Field(0.5, ge=0, lt=1)
+    sw_mode: Literal["gaussian", "constant"] = "gaussian"
+    sw_batch_size: int = Field(4, gt=0)
+    threshold: float = Field(0.5, gt=0, lt=1, description="sigmoid threshold for binary/region outputs")
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    accumulate_grad_batches: int = Field(1, gt=0)
+    num_workers: int = Field(2, ge=0)
+    augmentation: Augmentation = Field(default_factory=Augmentation)
+
+
+class MetricRules(Strict):
+    """Metric conventions (DATASETS.md, "Metric conventions"): raw values are stored, rules apply at aggregation."""
+
+    empty_rule: Literal["penalize", "exclude"] = Field(
+        "penalize", description="penalize: both empty → Dice 1/HD95 0, one empty → Dice 0/HD95 penalty; "
+        "exclude: drop cases with an empty side (the authors' MONAI behaviour)")
+    hd95_penalty: float | Literal["diagonal"] = Field("diagonal", description="mm (or px), or the image diagonal")
+    nsd_tolerance: float = Field(1.0, gt=0, description="normalized surface Dice tolerance, mm (px in 2D)")
+    challenge: Literal["isles22", "brats23", "glas"] | None = Field(None, description="also compute this challenge's metrics")
+
+
+class DatasetPreset(Strict):
+    """Everything the suite knows about one dataset: reader, channels, labels, protocol, metrics."""
+
+    name: str
+    description: str = ""
+    reader: Literal["isles22", "brats23", "glas", "fives", "msd"]
+    reader_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the reader")
+    spatial_dims: Literal[2, 3]
+    channels: list[str] = Field(..., min_length=1, description="input channel names, in model input order")
+    task: Literal["binary", "regions", "multiclass"] = Field(
+        ..., description="binary/regions: one sigmoid channel per entry of `labels`; multiclass: softmax over "
+        "background + one class per entry")
+    labels: dict[str, list[int]] = Field(..., min_length=1, description="output name -> label values it covers")
+    stratify: Literal["foreground_volume", "none"] = "foreground_volume"
+    official_split: bool = Field(False, description="the dataset ships a train/test split (GlaS, FIVES)")
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    protocol: Protocol
+    metrics: MetricRules = Field(default_factory=MetricRules)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.channels)
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.labels) + (1 if self.task == "multiclass" else 0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.protocol.roi_size) != self.spatial_dims:
+            raise ValueError(f"protocol.roi_size has {len(self.protocol.roi_size)} entries but spatial_dims is {self.spatial_dims}")
+        if self.preprocessing.spacing is not None and len(self.preprocessing.spacing) != self.spatial_dims:
+            raise ValueError(f"preprocessing.spacing has {len(self.preprocessing.spacing)} entries but spatial_dims is {self.spatial_dims}")
+        if self.task == "binary" and len(self.labels) != 1:
+            raise ValueError("task 'binary' needs exactly one entry in labels")
+        if any(v <= 0 for vals in self.labels.values() for v in vals):
+            raise ValueError("labels: label values must be positive (0 is background)")
+        return self
+
+
+# --------------------------------------------------------------------------- study config
+class DatasetEntry(Strict):
+    """One dataset of a study: which preset, where the data lies, and what the study changes."""
+
+    preset: str = Field(..., description="preset name (config/datasets/<preset>.yaml) or a path to a preset file")
+    root: str = Field(..., description="dataset root in its official layout")
+    synthetic: bool = Field(False, description="write a synthetic stand-in at `root` when it is absent")
+    synth_cases: int = Field(12, gt=0, description="number of synthetic cases")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="deep-merged into the preset")
+    model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="model -> kwargs, this dataset only")
+
+
+class TrainerSettings(Strict):
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int | Literal["auto"] = "auto"
+    num_nodes: int = Field(1, gt=0)
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
+    deterministic: bool = True
+    tensorboard: bool = False
+
+
+class ComplexitySettings(Strict):
+    activate: bool = True
+    latency_repeats: int = Field(5, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Study(Strict):
+    """A study: datasets × models × folds, with the seed and the places results go."""
+
+    study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 123
+    results_dir: str = "results"
+    reports_dir: str = "reports"
+    num_folds: int = Field(5, ge=2)
+    folds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    split: Literal["kfold", "official"] = "kfold"
+    datasets: dict[str, DatasetEntry] = Field(..., min_length=1)
+    models: list[str] | Literal["all"] = Field(..., description="registered model names, or 'all'")
+    model_dirs: list[str] = Field(default_factory=list, description="extra folders of model files")
+    model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="model -> kwargs, all datasets")
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    complexity: ComplexitySettings = Field(default_factory=ComplexitySettings)
+
+    @model_validator(mode="after")
+    def _check(self):
+        bad = [f for f in self.folds if not 0 <= f < self.num_folds]
+        if bad:
+            raise ValueError(f"folds {bad} out of range for num_folds={self.num_folds}")
+        return self
+
+    # ------------------------------------------------------------------ resolved views
+    def preset(self, dataset: str) -> DatasetPreset:
+        """The dataset's preset with this study's overrides merged in, validated."""
+        entry = self._entry(dataset)
+        base = load_preset_dict(entry.preset)
+        merged = deep_merge(base, entry.overrides)
+        return _validate(DatasetPreset, merged, where=f"datasets.{dataset}.overrides")
+
+    def model_kwargs(self, dataset: str, model: str) -> dict[str, Any]:
+        """Model keyword arguments: study-wide overrides, then this dataset's (which win)."""
+        entry = self._entry(dataset)
+        return {**self.model_overrides.get(model, {}), **entry.model_overrides.get(model, {})}
+
+    def _entry(self, dataset: str) -> DatasetEntry:
+        if dataset not in self.datasets:
+            raise ConfigError(f"dataset {dataset!r} is not in study {self.study!r}; it has {sorted(self.datasets)}")
+        return self.datasets[dataset]
+
+
+# --------------------------------------------------------------------------- loading
+def deep_merge(base: dict, override: dict) -> dict:
+    """Recursively merge `override` into a copy of `base` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _format_errors(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if where.endswith((".yaml", ".yml")) or where == "config":
+            key = f"{where}: {loc or '<root>'}"
+        else:
+            key = f"{where}.{loc}" if where and loc else (where or loc or "<root>")
+        lines.append(f"  {key}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""))
+    return "\n".join(lines)
+
+
+def _validate(model: type[BaseModel], data: Any, where: str):
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid configuration in {where or 'config'}:\n{_format_errors(err, where)}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def preset_path(name: str) -> Path:
+    """A preset by name (config/datasets/<name>.yaml) or by path."""
+    candidate = Path(name)
+    if candidate.suffix in {".yaml", ".yml"}:
+        return candidate
+    return PRESET_DIR / f"{name}.yaml"
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset_dict(name: str) -> dict:
+    path = preset_path(name)
+    if not path.is_file():
+        raise ConfigError(f"unknown dataset preset {name!r} (no {path}); available: {available_presets()}")
+    return _read_yaml(path)
+
+
+def load_preset(name: str, overrides: dict | None = None) -> DatasetPreset:
+    """A dataset preset by name or path, optionally with overrides, validated."""
+    data = deep_merge(load_preset_dict(name), overrides or {})
+    return _validate(DatasetPreset, data, where=str(preset_path(name)))
+
+
+def load_study(source: str | Path | dict) -> Study:
+    """A study from a YAML file or an already-parsed mapping (e.g. Snakemake's `config`), validated.
+
+    Every dataset's preset is resolved too, so a bad override fails here, before any job runs.
+    """
+    if isinstance(source, dict):
+        data, where = source, "config"
+    else:
+        data, where = _read_yaml(Path(source)), str(source)
+    study = _validate(Study, data, where=where)
+    for name in study.datasets:
+        study.preset(name)
+    return study
