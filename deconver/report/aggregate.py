@@ -1,0 +1,565 @@
+"""`deconver aggregate`: pool every run's per-case metrics, complexity and training logs of a study.
+
+Reads (docs/ARCHITECTURE.md) per run `<R>/runs/<dataset>/<model>/fold<k>/evaluation.csv` and
+`train_log.csv`, and `<R>/complexity/<dataset>/<model>.json`; applies each dataset's empty-mask rule
+with `deconver.metrics.aggregate.apply_rule` (raw values stay raw in the inputs) and writes
+`<R>/aggregate/`:
+
+- `per_case.csv`   one row per (dataset, model, fold, case, region, metric) after the rule, with the raw
+                   value and a status (measured, both_empty, penalized, excluded); multi-region datasets get a
+                   per-case `mean` region (mean over the regions of that case).
+- `summary.csv`    per (dataset, model, region, metric, rule): n, mean, std over pooled cases, mean and
+                   std of the fold means, counts of penalised / excluded / both-empty cases.
+- `complexity.csv` per (dataset, model): parameters, FLOPs per voxel (ours and the paper's convention),
+                   latency, peak memory, device (absent when `complexity.activate: false`).
+- `training.csv`   every train_log.csv stacked with dataset, model, fold columns.
+- `aggregate.json` what the report needs to caption the tables (rules, units, HD95 implementation,
+                   synthetic flags, regions, reference model) + the input digest and provenance.
+
+A rerun whose inputs and options are unchanged is a no-op.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from deconver.io import atomic_path, provenance, write_json_atomic
+
+EVAL_COLUMNS = ["study", "dataset", "model", "fold", "case", "region", "metric", "value",
+                "gt_voxels", "pred_voxels", "gt_empty", "pred_empty", "spacing", "unit", "hd_impl"]
+#: Metrics whose per-case values are averaged over regions into a `mean` region.
+REGION_MEAN_METRICS = ("dice", "hd95", "nsd")
+MEAN_REGION = "mean"
+OUTPUTS = ("per_case.csv", "summary.csv", "aggregate.json")
+
+
+class AggregateError(RuntimeError):
+    """An input of the aggregation is missing or malformed; the message names the file."""
+
+
+# --------------------------------------------------------------------------- what to aggregate
+@dataclass
+class DatasetSpec:
+    """One dataset of the study as the aggregation sees it."""
+
+    name: str
+    preset: str
+    spatial_dims: int | None
+    regions: list[str]
+    rule: str
+    penalty: float | str
+    synthetic: bool
+    models: list[str]
+    folds: list[int]
+    skipped_models: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """Everything `aggregate` reads: the study results folder, datasets, and whether complexity is on."""
+
+    study: str
+    results: Path
+    datasets: list[DatasetSpec]
+    complexity: bool
+    reference: str = "deconver"
+    seed: int = 123
+
+
+def _registry(model_dirs):
+    """The model registry with models/ and the study's model_dirs loaded, or None if it is absent."""
+    try:
+        from deconver import registry
+    except ImportError:
+        return None
+    registry.discover(list(model_dirs))
+    return registry
+
+
+def _model_fits(registry, model: str, preset, kwargs: dict) -> str | None:
+    """Why the registry leaves `model` out of `preset` (dims, roi or kwargs), or None when it runs.
+
+    Mirrors the workflow (workflow/rules/common.smk): a model the registry does not know is expected
+    to have run, so its files must be there.
+    """
+    if registry is None:
+        return None
+    try:
+        registry.model_info(model)
+    except KeyError:
+        return None
+    try:
+        registry.check_model(model, preset.spatial_dims, tuple(preset.protocol.roi_size), dict(kwargs))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def plan_from_study(config: str | Path, results: Path | None = None, reference: str = "deconver") -> Plan:
+    """The aggregation plan of a study config: the datasets × models × folds the workflow ran.
+
+    As in the workflow, a model the registry says does not fit a dataset (dims, roi) is left out of
+    it; the registry (slow to load: it imports every model file) is only asked about a (dataset,
+    model) pair that has no evaluation file at all, or for `models: all`.
+    """
+    from deconver.config import load_study
+    from deconver.paths import StudyPaths
+
+    study = load_study(config)
+    paths = StudyPaths.of(study)
+    root = Path(results) if results else paths.results
+    registry = _registry(study.model_dirs) if study.models == "all" else None
+    asked = study.models == "all"
+    specs = []
+    for name, entry in study.datasets.items():
+        preset = study.preset(name)
+        if study.models == "all" and registry is None:
+            run_dir = root / "runs" / name
+            candidates = sorted(p.name for p in run_dir.iterdir() if p.is_dir()) if run_dir.is_dir() else []
+            if not candidates:
+                raise AggregateError(f"study {study.study!r} has models: all but {run_dir} holds no runs")
+        else:
+            candidates = list(registry.list_models()) if study.models == "all" else list(dict.fromkeys(study.models))
+        models, skipped = [], {}
+        for m in candidates:
+            ran = any((root / "runs" / name / m / f"fold{k}" / "evaluation.csv").is_file() for k in study.folds)
+            if not ran and not asked:
+                registry, asked = _registry(study.model_dirs), True
+            why = None if ran else _model_fits(registry, m, preset, study.model_kwargs(name, m))
+            if why is None:
+                models.append(m)
+            else:
+                skipped[m] = why
+        # the prepared manifest knows whether the cases were synthetic (a `synthetic: true` entry only
+        # writes stand-ins when its root is absent); without a manifest the entry decides
+        synthetic = _manifest_synthetic(root / "prepared" / name / "manifest.json")
+        specs.append(DatasetSpec(
+            name=name, preset=preset.name, spatial_dims=preset.spatial_dims, regions=list(preset.labels),
+            rule=preset.metrics.empty_rule, penalty=preset.metrics.hd95_penalty,
+            synthetic=entry.synthetic if synthetic is None else synthetic,
+            models=models, folds=list(study.folds), skipped_models=skipped))
+    return Plan(study=study.study, results=root, datasets=specs, complexity=study.complexity.activate,
+                reference=reference, seed=study.seed)
+
+
+def plan_from_tree(results: Path, rule: str | None = None, penalty: float | str | None = None,
+                   synthetic: list[str] | None = None, reference: str = "deconver") -> Plan:
+    """Hand use: discover datasets, models and folds from `<results>/runs/` (no study config).
+
+    A dataset named like a preset takes that preset's rule, penalty and regions; `rule`/`penalty`
+    override. Complexity is included when `<results>/complexity/` exists.
+    """
+    from deconver.config import ConfigError, MetricRules, load_preset
+
+    results = Path(results)
+    runs = results / "runs"
+    if not runs.is_dir():
+        raise AggregateError(f"no runs folder: {runs}")
+    evals = sorted(runs.glob("*/*/fold*/evaluation.csv"))
+    if not evals:
+        raise AggregateError(f"no evaluation.csv under {runs}/<dataset>/<model>/fold<k>/")
+    synthetic = set(synthetic or [])
+    by_ds: dict[str, dict[str, set[int]]] = {}
+    for p in evals:
+        fold_dir, model_dir, ds_dir = p.parent, p.parent.parent, p.parent.parent.parent
+        try:
+            fold = int(fold_dir.name.removeprefix("fold"))
+        except ValueError:
+            raise AggregateError(f"run folder not named fold<k>: {fold_dir}") from None
+        by_ds.setdefault(ds_dir.name, {}).setdefault(model_dir.name, set()).add(fold)
+    specs = []
+    for name, models in sorted(by_ds.items()):
+        try:
+            preset = load_preset(name)
+            rules, preset_name, dims, regions = preset.metrics, preset.name, preset.spatial_dims, list(preset.labels)
+        except ConfigError:
+            rules, preset_name, dims, regions = MetricRules(), name, None, []
+        manifest = results / "prepared" / name / "manifest.json"
+        is_synth = name in synthetic or bool(_manifest_synthetic(manifest))
+        folds = sorted(set().union(*models.values()))
+        specs.append(DatasetSpec(
+            name=name, preset=preset_name, spatial_dims=dims, regions=regions,
+            rule=rule or rules.empty_rule, penalty=penalty if penalty is not None else rules.hd95_penalty,
+            synthetic=is_synth, models=sorted(models), folds=folds))
+    return Plan(study=results.name, results=results, datasets=specs, complexity=(results / "complexity").is_dir(),
+                reference=reference)
+
+
+def _manifest_synthetic(manifest: Path) -> bool | None:
+    """The prepared manifest's `synthetic` flag, or None when there is no readable manifest."""
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return bool(data.get("synthetic", False)) if isinstance(data, dict) else None
+
+
+# --------------------------------------------------------------------------- reading inputs
+def read_evaluation(path: Path) -> pd.DataFrame:
+    """One run's evaluation.csv with the contract's columns checked (error names the file)."""
+    if not path.is_file():
+        raise AggregateError(f"missing evaluation file: {path}")
+    try:
+        df = pd.read_csv(path, dtype={"case": str, "region": str, "metric": str, "unit": str, "hd_impl": str},
+                         keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise AggregateError(f"{path}: not a readable CSV: {err}") from None
+    missing = [c for c in EVAL_COLUMNS if c not in df.columns]
+    if missing:
+        raise AggregateError(f"{path}: missing columns {missing} (expected {EVAL_COLUMNS})")
+    df["value"] = pd.to_numeric(df["value"], errors="coerce")  # 'inf' / 'nan' strings become floats
+    for col in ("gt_empty", "pred_empty"):
+        df[col] = df[col].map(_as_bool)
+    return df
+
+
+def _as_bool(v) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in {"true", "1", "yes"}
+    return bool(v) if not (isinstance(v, float) and math.isnan(v)) else False
+
+
+def read_complexity(path: Path) -> dict[str, Any]:
+    """The complexity columns of one `<model>.json` (deconver complexity), in report units."""
+    if not path.is_file():
+        raise AggregateError(f"missing complexity file: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AggregateError(f"{path}: not valid JSON: {err}") from None
+    return complexity_row(data, path)
+
+
+def _find(data: dict, *candidates: str):
+    """The first present value among dotted key paths."""
+    for cand in candidates:
+        cur: Any = data
+        for part in cand.split("."):
+            if isinstance(cur, dict) and part in cur:
+                cur = cur[part]
+            else:
+                break
+        else:
+            if cur is not None and not isinstance(cur, dict):
+                return cur
+    return None
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def complexity_row(data: dict, source: Path | str = "<json>") -> dict[str, Any]:
+    """Normalise a complexity record (deconver.complexity.record) to the report's columns: params_m,
+    params_trainable_m, flops_per_voxel_k (flop_counter, 2 FLOPs per MAC, NDC convolutions included),
+    paper_flops_per_voxel_k, latency_ms / train_step_ms (medians), peak_memory_mb / train_peak_memory_mb,
+    device, runtime_roi, repeats, flops_agree and flags (the cross-check's)."""
+    params = _num(_find(data, "params.total", "params_total", "params"))
+    trainable = _num(_find(data, "params.trainable", "params_trainable"))
+    flops_k = _num(_find(data, "flops_per_voxel_k"))
+    paper_k = _num(_find(data, "paper_flops_per_voxel_k", "paper_convention.flops_per_voxel_k"))
+    if math.isnan(params) or math.isnan(flops_k):
+        raise AggregateError(f"{source}: no parameter count (params.total) or flops_per_voxel_k "
+                             f"(keys: {sorted(data)})")
+    flags = data.get("flags") or []
+    return dict(params_m=params / 1e6, params_trainable_m=trainable / 1e6, flops_per_voxel_k=flops_k,
+                paper_flops_per_voxel_k=paper_k,
+                latency_ms=_num(_find(data, "latency_ms.forward", "runtime.forward_ms")),
+                train_step_ms=_num(_find(data, "latency_ms.train_step", "runtime.train_step_ms")),
+                peak_memory_mb=_num(_find(data, "peak_memory_mb.forward", "runtime.forward_peak_mb")),
+                train_peak_memory_mb=_num(_find(data, "peak_memory_mb.train_step", "runtime.train_step_peak_mb")),
+                memory_method=_find(data, "peak_memory_mb.method", "runtime.memory_method"),
+                device=_find(data, "device", "runtime.device_name"),
+                runtime_roi="x".join(str(r) for r in (data.get("runtime") or {}).get("roi") or []) or None,
+                repeats=_find(data, "runtime.repeats"),
+                flops_agree=_find(data, "flops_agree", "cross_check.agree"),
+                flags="; ".join(str(f) for f in flags) if isinstance(flags, list) else str(flags))
+
+
+def read_train_log(path: Path) -> pd.DataFrame:
+    """One run's train_log.csv (error names the file)."""
+    if not path.is_file():
+        raise AggregateError(f"missing training log: {path}")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise AggregateError(f"{path}: not a readable CSV: {err}") from None
+
+
+# --------------------------------------------------------------------------- the empty-mask rule
+def default_apply_rule() -> Callable:
+    """The metrics colleague's rule function (the single implementation of the convention)."""
+    try:
+        from deconver.metrics.aggregate import apply_rule
+    except ImportError as err:
+        raise AggregateError(f"deconver.metrics.aggregate.apply_rule is not available ({err})") from None
+    return apply_rule
+
+
+def with_rule(df: pd.DataFrame, rule: str, penalty, apply_rule: Callable | None = None) -> pd.DataFrame:
+    """Per-case values after the empty-mask rule, with `raw_value` and `status`.
+
+    `status` is the rule function's: measured, both_empty, penalized (one side empty, set to the
+    rule's value) or excluded. The rule function drops excluded rows; they come back here with a NaN
+    value so that every count stays visible and the means skip them.
+    """
+    fn = apply_rule or default_apply_rule()
+    df = df.reset_index(drop=True)
+    out = fn(df, rule, penalty)
+    ruled = out[0] if isinstance(out, tuple) else out
+    if not isinstance(ruled, pd.DataFrame) or not {"value", "status"} <= set(ruled.columns):
+        raise AggregateError("apply_rule must return a DataFrame (or a tuple starting with one) with "
+                             "'value' and 'status' columns")
+    ruled = ruled.copy()
+    if "raw_value" not in ruled.columns:
+        keys = ["fold", "case", "region", "metric"]
+        raw = df[keys + ["value"]].rename(columns={"value": "raw_value"})
+        ruled = ruled.merge(raw, on=keys, how="left", validate="one_to_one")
+    ruled["status"] = ruled["status"].astype(str)
+    keys = [k for k in ("dataset", "model", "fold", "case", "region", "metric") if k in df.columns]
+    kept = df[keys].merge(ruled[keys].drop_duplicates().assign(_kept=True), on=keys, how="left")["_kept"].notna()
+    dropped = df.loc[~kept.to_numpy()].copy()
+    if len(dropped):
+        dropped["raw_value"] = pd.to_numeric(dropped["value"], errors="coerce")
+        dropped["value"] = math.nan
+        dropped["status"] = "excluded"
+        ruled = pd.concat([ruled, dropped[[c for c in ruled.columns if c in dropped.columns]]], ignore_index=True)
+    return ruled
+
+
+def add_region_mean(per_case: pd.DataFrame) -> pd.DataFrame:
+    """Append a `mean` region per case for Dice/HD95/NSD of datasets with several regions
+    (NaN regions — excluded by the rule — are left out of that case's mean)."""
+    base = per_case[per_case["metric"].isin(REGION_MEAN_METRICS) & (per_case["region"] != MEAN_REGION)]
+    n_regions = base.groupby(["dataset", "metric"])["region"].nunique()
+    multi = n_regions[n_regions > 1].reset_index()[["dataset", "metric"]]
+    if multi.empty:
+        return per_case
+    base = base.merge(multi, on=["dataset", "metric"])
+    keys = [c for c in ("study", "dataset", "model", "fold", "case", "metric", "unit", "hd_impl") if c in base.columns]
+    base = base.assign(_pen=base["status"].eq("penalized"), _exc=base["status"].eq("excluded"))
+    grouped = base.groupby(keys, dropna=False, sort=False)
+    mean = grouped.agg(value=("value", "mean"), raw_value=("raw_value", "mean"),  # pandas' mean skips NaN
+                       _pen=("_pen", "any"), _exc=("_exc", "all")).reset_index()
+    mean["status"] = np.where(mean["_pen"], "penalized", np.where(mean["_exc"], "excluded", "measured"))
+    mean = mean.drop(columns=["_pen", "_exc"])
+    mean["region"] = MEAN_REGION
+    return pd.concat([per_case, mean], ignore_index=True)
+
+
+# --------------------------------------------------------------------------- pooling
+def summarize(per_case: pd.DataFrame) -> pd.DataFrame:
+    """Pooled statistics per (dataset, model, region, metric): over all cases of all folds
+    (mean, sample std, median) and over folds (mean and std of the per-fold means)."""
+    rows = []
+    for (dataset, model, region, metric), g in per_case.groupby(["dataset", "model", "region", "metric"], sort=True):
+        v = g["value"].to_numpy(dtype=float)
+        finite = v[~np.isnan(v)]
+        fold_means = g.groupby("fold")["value"].mean()
+        fold_means = fold_means[fold_means.notna()]
+        rows.append(dict(
+            dataset=dataset, model=model, region=region, metric=metric,
+            n=int(finite.size), mean=float(finite.mean()) if finite.size else math.nan,
+            std=float(finite.std(ddof=1)) if finite.size > 1 else math.nan,
+            median=float(np.median(finite)) if finite.size else math.nan,
+            n_folds=int(fold_means.size),
+            fold_mean=float(fold_means.mean()) if fold_means.size else math.nan,
+            fold_std=float(fold_means.std(ddof=1)) if fold_means.size > 1 else math.nan,
+            n_penalized=int((g["status"] == "penalized").sum()),
+            n_excluded=int((g["status"] == "excluded").sum()),
+            n_both_empty=int((g["status"] == "both_empty").sum()),
+            unit=_single(g["unit"]) if "unit" in g else None,
+        ))
+    return pd.DataFrame(rows)
+
+
+def _single(s: pd.Series):
+    vals = sorted({str(v) for v in s.dropna()})
+    return vals[0] if len(vals) == 1 else (",".join(vals) if vals else None)
+
+
+# --------------------------------------------------------------------------- the step
+def _digest(files: list[Path], options: dict) -> str:
+    h = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    for f in files:
+        h.update(str(f).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: bool = False,
+              alt_rules: tuple[str, ...] = ("exclude",)) -> dict[str, Any]:
+    """Pool a study's results into `out` (see the module docstring). Returns the aggregate.json content.
+
+    Besides each dataset's own rule, the summary is also computed under every rule in `alt_rules`
+    (the authors' `exclude` by default) so the reproduction table can show the comparable number.
+    """
+    out = Path(out)
+    eval_files, log_files, cx_files = [], [], []
+    for ds in plan.datasets:
+        for model in ds.models:
+            for fold in ds.folds:
+                run = plan.results / "runs" / ds.name / model / f"fold{fold}"
+                eval_files.append((ds, model, fold, run / "evaluation.csv"))
+                log_files.append((ds, model, fold, run / "train_log.csv"))
+            if plan.complexity:
+                cx_files.append((ds, model, plan.results / "complexity" / ds.name / f"{model}.json"))
+    missing = [str(p) for *_, p in eval_files + cx_files if not p.is_file()]
+    if missing:
+        raise AggregateError("missing input file(s): " + ", ".join(missing[:20]) + (" …" if len(missing) > 20 else ""))
+    logs_present = [(ds, m, f, p) for ds, m, f, p in log_files if p.is_file()]
+    logs_missing = [str(p) for *_, p in log_files if not p.is_file()]
+
+    options = dict(datasets=[vars(d) for d in plan.datasets], complexity=plan.complexity, reference=plan.reference,
+                   alt_rules=list(alt_rules), version=_version())
+    inputs = [p for *_, p in eval_files] + [p for *_, p in cx_files] + [p for *_, p in logs_present]
+    digest = _digest(inputs, options)
+    meta_path = out / "aggregate.json"
+    if not force and meta_path.is_file() and all((out / o).is_file() for o in OUTPUTS):
+        try:
+            old = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("inputs_digest") == digest:
+            os.utime(meta_path)  # newer than its inputs again, so make-like tools see it done
+            old["_up_to_date"] = True
+            return old
+
+    from tqdm.auto import tqdm
+
+    per_case_parts, summary_parts, ds_meta = [], [], {}
+    for ds in plan.datasets:
+        frames = []
+        mine = [e for e in eval_files if e[0] is ds]
+        for _, model, fold, path in tqdm(mine, desc=f"aggregate {ds.name}", unit="run", leave=False,
+                                         disable=not sys.stderr.isatty()):
+            df = read_evaluation(path)
+            df["model"], df["fold"], df["dataset"] = model, fold, ds.name  # the folder is authoritative
+            frames.append(df)
+        raw = pd.concat(frames, ignore_index=True)
+        units = sorted({str(u) for u in raw["unit"].dropna()})
+        impls = sorted({str(u) for u in raw["hd_impl"].dropna()})
+        regions = ds.regions or sorted(raw["region"].dropna().unique())
+        rules = [ds.rule] + [r for r in alt_rules if r != ds.rule]
+        for rule in rules:
+            ruled_parts = [with_rule(g, rule, ds.penalty, apply_rule) for _, g in raw.groupby("model", sort=True)]
+            ruled = add_region_mean(pd.concat(ruled_parts, ignore_index=True))
+            summ = summarize(ruled)
+            summ.insert(4, "rule", rule)
+            summary_parts.append(summ)
+            if rule == ds.rule:
+                per_case_parts.append(ruled)
+        hd = raw[raw["metric"] == "hd95"]
+        ds_meta[ds.name] = dict(
+            preset=ds.preset, spatial_dims=ds.spatial_dims, synthetic=ds.synthetic, rule=ds.rule,
+            penalty=ds.penalty, regions=[r for r in regions if r in set(raw["region"])] or regions,
+            hd95_unit=_single(hd["unit"]) if len(hd) else (units[0] if len(units) == 1 else ",".join(units)),
+            hd_impl=",".join(impls), models=ds.models, folds=ds.folds, skipped_models=ds.skipped_models,
+            metrics=sorted(raw["metric"].dropna().unique()),
+        )
+        # cases per model (they differ only if a run evaluated fewer cases); the largest is reported
+        per_model = raw.drop_duplicates(["model", "fold", "case"]).groupby("model").size()
+        ds_meta[ds.name]["n_cases"] = int(per_model.max()) if len(per_model) else 0
+
+    per_case = pd.concat(per_case_parts, ignore_index=True)
+    keep = [c for c in ("study", "dataset", "model", "fold", "case", "region", "metric", "value", "raw_value",
+                        "status", "gt_empty", "pred_empty", "unit", "hd_impl") if c in per_case.columns]
+    per_case = per_case[keep].sort_values(["dataset", "model", "fold", "case", "metric", "region"], kind="stable")
+    summary = pd.concat(summary_parts, ignore_index=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(per_case, out / "per_case.csv")
+    _write_csv(summary, out / "summary.csv")
+
+    if plan.complexity:
+        rows = []
+        for ds, model, path in cx_files:
+            rows.append(dict(dataset=ds.name, model=model, **read_complexity(path)))
+        _write_csv(pd.DataFrame(rows), out / "complexity.csv")
+    else:
+        (out / "complexity.csv").unlink(missing_ok=True)
+
+    if logs_present:
+        parts = []
+        for ds, model, fold, path in logs_present:
+            log = read_train_log(path)
+            log.insert(0, "fold", fold)
+            log.insert(0, "model", model)
+            log.insert(0, "dataset", ds.name)
+            parts.append(log)
+        _write_csv(pd.concat(parts, ignore_index=True), out / "training.csv")
+    else:
+        (out / "training.csv").unlink(missing_ok=True)
+
+    meta = dict(study=plan.study, results=str(plan.results), reference=plan.reference, seed=plan.seed,
+                complexity=plan.complexity, datasets=ds_meta, alt_rules=list(alt_rules),
+                train_logs_missing=logs_missing, inputs_digest=digest, provenance=provenance("cpu"))
+    write_json_atomic(meta_path, meta)
+    return meta
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, lineterminator="\n")
+
+
+def _version() -> str:
+    from deconver import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------- CLI
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="study config (YAML); its datasets × models × folds are expected")
+    parser.add_argument("--results", type=Path, help="the study's results folder <results_dir>/<study> "
+                        "(default: from the config; required without --config)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <results>/aggregate)")
+    parser.add_argument("--reference", default="deconver", help="the model every other is compared with")
+    parser.add_argument("--rule", choices=["penalize", "exclude"], help="hand use: empty-mask rule for every dataset")
+    parser.add_argument("--penalty", help="hand use: HD95 penalty (a number or 'diagonal')")
+    parser.add_argument("--synthetic", action="append", default=[], metavar="DATASET",
+                        help="hand use: label this dataset synthetic (repeatable)")
+    parser.add_argument("--force", action="store_true", help="recompute even if the inputs are unchanged")
+
+
+def run(args: argparse.Namespace) -> int:
+    from deconver.config import ConfigError
+
+    try:
+        if args.config:
+            plan = plan_from_study(args.config, args.results, reference=args.reference)
+        elif args.results:
+            penalty = args.penalty
+            if penalty is not None and penalty != "diagonal":
+                penalty = float(penalty)
+            plan = plan_from_tree(args.results, args.rule, penalty, args.synthetic, reference=args.reference)
+        else:
+            print("deconver aggregate: give --config STUDY.yaml or --results DIR", file=sys.stderr)
+            return 2
+        out = args.out or plan.results / "aggregate"
+        meta = aggregate(plan, out, force=args.force)
+    except (AggregateError, ConfigError) as err:
+        print(f"deconver aggregate: {err}", file=sys.stderr)
+        return 1
+    if meta.get("_up_to_date"):
+        print(f"deconver aggregate: {out} is up to date")
+    else:
+        n = sum(len(d["models"]) for d in meta["datasets"].values())
+        print(f"deconver aggregate: {len(meta['datasets'])} dataset(s), {n} model runs pooled → {out}")
+    return 0
