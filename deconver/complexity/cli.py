@@ -1,0 +1,292 @@
+"""`deconver complexity`: parameters, FLOPs (two counters + the paper's convention), latency, memory.
+
+Three forms::
+
+    deconver complexity --model NAME --dataset PRESET [--json] [--roi ...] [--device cpu|cuda|auto]
+                        [--repeats N] [--no-runtime] [--set KEY=VALUE ...] [--out FILE.json] [--csv FILE.csv]
+    deconver complexity --config STUDY.yaml --dataset D --model M [--force]
+        -> <results>/<study>/complexity/<D>/<M>.json (atomic; a rerun with the same inputs is a no-op)
+    deconver complexity --dataset PRESET --all-models [--pattern GLOB] [--json | --csv FILE.csv]
+        -> one row per registered model that fits the preset
+
+The roi defaults to the preset's (the study's, in study mode) and the batch is 1. Conventions:
+docs/complexity.md. A flagged model (counters disagree, an operator could not be counted, a runtime
+step failed) is reported in the record's ``flags`` and printed; exit status 0 (1 with ``--strict``),
+2 on an invalid request.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="study config: measure (dataset, model) of the study and write "
+                        "<results>/<study>/complexity/<dataset>/<model>.json")
+    parser.add_argument("--dataset", required=True, help="dataset preset name or path (with --config: the study's dataset)")
+    parser.add_argument("--model", help="registered model name (`deconver models`)")
+    parser.add_argument("--all-models", action="store_true", help="one row per registered model that fits the dataset")
+    parser.add_argument("--pattern", help="with --all-models: only models matching this shell wildcard (e.g. 'smp_*')")
+    parser.add_argument("--roi", type=int, nargs="+", help="counting roi (default: the preset's protocol.roi_size)")
+    parser.add_argument("--runtime-roi", type=int, nargs="+", help="roi of the latency/memory runs (default: --roi)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of fvcore and of the runtime "
+                        "measurement (default: the study's complexity.device, else auto)")
+    parser.add_argument("--repeats", type=int, help="timed calls per measurement, median reported "
+                        "(default: the study's complexity.latency_repeats, else 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
+    parser.add_argument("--no-runtime", action="store_true", help="count only: no latency or memory measurement")
+    parser.add_argument("--threads", type=int, help="CPU intra-op threads (torch.set_num_threads; recorded in the device)")
+    parser.add_argument("--no-train-step", action="store_true", help="time the forward pass only")
+    parser.add_argument("--grad", action="store_true", help="count with autograd on (custom autograd functions "
+                        "then appear to fvcore as prim::PythonOp)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="model keyword argument (value read as YAML), e.g. --set variant=isles22-bundle")
+    parser.add_argument("--json", action="store_true", help="print the JSON record(s) instead of a summary")
+    parser.add_argument("--out", help="also write the JSON record (or list of records) to this file")
+    parser.add_argument("--csv", help="also write the flat row(s) to this CSV file")
+    parser.add_argument("--force", action="store_true", help="study mode: recompute even if the result is up to date")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when a model is flagged")
+
+
+class ComplexityError(ValueError):
+    """An invalid complexity request (unknown dataset/model, model that does not fit the roi)."""
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ComplexityError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _registry(model_dirs=()):
+    try:
+        from deconver import registry
+    except ImportError as err:
+        raise ComplexityError(f"the model registry (deconver.registry) is not available: {err}") from None
+    registry.discover(list(model_dirs))
+    return registry
+
+
+def _build(registry, name: str, preset, roi: list[int], kwargs: dict):
+    """check_model then create_model, with the preset's channels and dims (errors name the model)."""
+    try:
+        registry.check_model(name, preset.spatial_dims, roi, kwargs, dataset=preset.name)
+        return registry.create_model(name, in_channels=preset.in_channels, out_channels=preset.out_channels,
+                                     spatial_dims=preset.spatial_dims, roi_size=tuple(roi), dataset=preset.name, **kwargs)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ComplexityError(f"model {name!r} on {preset.name} at roi {tuple(roi)}: {err}") from None
+
+
+def measure_model(name: str, preset, *, roi: list[int] | None = None, kwargs: dict | None = None, model_dirs=(),
+                  device: str | None = "auto", runtime: bool = True, runtime_roi: list[int] | None = None,
+                  repeats: int = 5, warmup: int = 2, train_step: bool = True, grad: bool = False,
+                  progress: bool = False) -> dict[str, Any]:
+    """The record of registered model ``name`` on ``preset`` (a DatasetPreset) at ``roi`` (default: the preset's)."""
+    import torch
+
+    from deconver.complexity.record import measure
+
+    registry = _registry(model_dirs)
+    roi = list(roi or preset.protocol.roi_size)
+    kwargs = dict(kwargs or {})
+    torch.manual_seed(0)
+    model = _build(registry, name, preset, roi, kwargs)
+    record = {"model": name, "dataset": preset.name, "model_kwargs": kwargs,
+              "out_channels": preset.out_channels, "spatial_dims": preset.spatial_dims}
+    record.update(measure(model, in_channels=preset.in_channels, roi=roi, device=device, runtime=runtime,
+                          runtime_roi=runtime_roi, repeats=repeats, warmup=warmup, train_step=train_step, grad=grad,
+                          progress=progress))
+    return record
+
+
+def _summary(record: dict[str, Any]) -> str:
+    p, lat, mem = record["params"], record.get("latency_ms"), record.get("peak_memory_mb")
+    lines = [
+        f"{record['model']} on {record['dataset']} at roi {'x'.join(map(str, record['roi']))} (batch 1)",
+        f"  parameters        {p['total']:,} ({p['trainable']:,} trainable)",
+        f"  fvcore MACs       {record['macs']:,}",
+        f"  flop_counter      {record['flops']:,} FLOPs (ratio to 2 x MACs: "
+        f"{record['cross_check']['ratio'] if record['cross_check']['ratio'] is None else format(record['cross_check']['ratio'], '.4f')})",
+        f"  FLOPs / voxel     {record['flops_per_voxel_k']:.1f}K (2 per MAC, every contraction)",
+        f"  paper convention  {record['paper_flops_per_voxel_k']:.1f}K (DeepSpeed: + element-wise, NDC convs excluded)",
+    ]
+    if lat:
+        def fmt(v, unit):
+            return "n/a" if v is None else f"{v:.1f} {unit}"
+
+        rt = record["runtime"]
+        lines.append(f"  latency           forward {fmt(lat['forward'], 'ms')}, train step {fmt(lat['train_step'], 'ms')} "
+                     f"(median of {rt['repeats']} after {rt['warmup']} warm-up, roi {'x'.join(map(str, rt['roi']))})")
+        lines.append(f"  peak memory       forward {fmt(mem['forward'], 'MB')}, train step {fmt(mem['train_step'], 'MB')} "
+                     f"({mem['method']})")
+    lines.append(f"  device            {record['device']}")
+    v = record["versions"]
+    lines.append(f"  versions          deconver {v.get('deconver')}, torch {v.get('torch')}, fvcore {v.get('fvcore')}")
+    for flag in record.get("flags") or []:
+        lines.append(f"  FLAG: {flag}")
+    return "\n".join(lines)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cols = [("model", "model"), ("params_total", "params"), ("flops_per_voxel_k", "FLOPs/vox (K)"),
+            ("paper_flops_per_voxel_k", "paper conv. (K)"), ("ratio", "fc/2xfv"), ("latency_forward_ms", "fwd ms"),
+            ("latency_train_step_ms", "train ms"), ("peak_memory_forward_mb", "fwd MB"),
+            ("peak_memory_train_step_mb", "train MB"), ("flags", "flags")]
+
+    def cell(key, value):
+        if value is None or value == "":
+            return "-"
+        if key == "params_total":
+            return f"{value / 1e6:.2f}M"
+        if key == "ratio":
+            return f"{value:.4f}"
+        if isinstance(value, float):
+            return f"{value:.1f}"
+        return str(value)
+
+    table = [[title for _, title in cols]] + [[cell(k, r.get(k)) for k, _ in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table[:]) if i < len(cols) - 1 else 0 for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+
+
+def _write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    from deconver.complexity.record import ROW_COLUMNS
+    from deconver.io import write_text_atomic
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=ROW_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def _emit(args, records: list[dict[str, Any]], table: bool) -> None:
+    from deconver.complexity.record import flat_row
+    from deconver.io import write_json_atomic
+
+    payload: Any = records if table else records[0]
+    if args.out:
+        write_json_atomic(args.out, payload)
+    if args.csv:
+        _write_csv(args.csv, [flat_row(r) for r in records])
+    if args.json:
+        print(json.dumps(payload, indent=2, default=str))
+    elif table:
+        print(_table([flat_row(r) for r in records]))
+    else:
+        print(_summary(records[0]))
+
+
+def _run_study(args) -> int:
+    from deconver.config import load_study
+    from deconver.io import provenance, write_json_atomic
+    from deconver.paths import StudyPaths
+
+    if not args.model:
+        raise ComplexityError("--config needs --model (the study's model to measure)")
+    study = load_study(args.config)
+    preset = study.preset(args.dataset)
+    kwargs = {**study.model_kwargs(args.dataset, args.model), **_parse_overrides(args.overrides)}
+    device = args.device or study.complexity.device
+    repeats = args.repeats or study.complexity.latency_repeats
+    roi = list(args.roi or preset.protocol.roi_size)
+    path = StudyPaths.of(study).complexity(args.dataset, args.model)
+    wanted = {"model": args.model, "dataset": args.dataset, "preset": preset.name, "roi": roi, "in_channels": preset.in_channels,
+              "out_channels": preset.out_channels, "spatial_dims": preset.spatial_dims, "model_kwargs": kwargs,
+              "runtime": None if args.no_runtime else {"roi": list(args.runtime_roi or roi), "repeats": repeats,
+                                                       "warmup": args.warmup},
+              "device_requested": device}
+    if path.is_file() and not args.force:
+        try:
+            done = json.loads(path.read_text()).get("inputs")
+        except json.JSONDecodeError:
+            done = None
+        if json.loads(json.dumps(done, default=str)) == json.loads(json.dumps(wanted, default=str)):
+            print(f"{path}: up to date (same inputs); --force recomputes")
+            return 0
+    record = measure_model(args.model, preset, roi=roi, kwargs=kwargs, model_dirs=study.model_dirs, device=device,
+                           runtime=not args.no_runtime, runtime_roi=args.runtime_roi, repeats=repeats,
+                           warmup=args.warmup, train_step=not args.no_train_step, grad=args.grad,
+                           progress=sys.stderr.isatty())
+    record["dataset"] = args.dataset
+    record["preset"] = preset.name
+    record["study"] = study.study
+    record["device_requested"] = device
+    record["inputs"] = wanted
+    record["provenance"] = {**provenance(record["counting_device"]), "fvcore_version": record["versions"].get("fvcore")}
+    write_json_atomic(path, record)
+    print(_summary(record))
+    print(f"wrote {path}")
+    return 1 if args.strict and record["flags"] else 0
+
+
+def _run_preset(args) -> int:
+    from deconver.config import load_preset
+    from deconver.io import provenance
+
+    preset = load_preset(args.dataset)
+    kwargs = _parse_overrides(args.overrides)
+    common = dict(roi=args.roi, device=args.device or "auto", runtime=not args.no_runtime,
+                  runtime_roi=args.runtime_roi, repeats=args.repeats or 5, warmup=args.warmup,
+                  train_step=not args.no_train_step, grad=args.grad)
+    if args.all_models:
+        from tqdm import tqdm
+
+        registry = _registry()
+        roi = list(args.roi or preset.protocol.roi_size)
+        names = []
+        for name in registry.list_models(args.pattern):
+            try:
+                registry.check_model(name, preset.spatial_dims, roi, {}, dataset=preset.name)
+                names.append(name)
+            except (KeyError, ValueError, TypeError) as err:
+                print(f"skipping {name}: {err}".splitlines()[0], file=sys.stderr)
+        records = []
+        for name in tqdm(names, desc=f"complexity {preset.name}", unit="model", disable=None):
+            try:
+                records.append(measure_model(name, preset, kwargs=kwargs, **common))
+            except (ComplexityError, RuntimeError) as err:
+                records.append({"model": name, "dataset": preset.name, "roi": roi, "error": str(err).splitlines()[0],
+                                "flags": [f"failed: {str(err).splitlines()[0]}"]})
+        for r in records:
+            r.setdefault("provenance", provenance(r.get("counting_device")))
+        _emit(args, records, table=True)
+        return 1 if args.strict and any(r.get("flags") for r in records) else 0
+    if not args.model:
+        raise ComplexityError("give --model NAME, or --all-models for every registered model")
+    record = measure_model(args.model, preset, kwargs=kwargs, progress=sys.stderr.isatty() and not args.json, **common)
+    record["provenance"] = {**provenance(record["counting_device"]), "fvcore_version": record["versions"].get("fvcore")}
+    _emit(args, [record], table=False)
+    return 1 if args.strict and record["flags"] else 0
+
+
+def run(args) -> int:
+    from deconver.config import ConfigError
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.model and args.all_models:
+        print("deconver complexity: --model and --all-models exclude each other", file=sys.stderr)
+        return 2
+    try:
+        if args.config:
+            if args.all_models:
+                raise ComplexityError("--all-models is for presets; with --config measure one --model at a time")
+            return _run_study(args)
+        return _run_preset(args)
+    except (ComplexityError, ConfigError) as err:
+        print(f"deconver complexity: {err}", file=sys.stderr)
+        return 2
