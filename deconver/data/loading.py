@@ -1,0 +1,233 @@
+"""Reading one case's files into checked arrays: the only place raw files are decoded.
+
+Every failure is a `DatasetError` naming the file: unreadable or truncated file, wrong dimensionality,
+NaN/inf intensities, a channel or label on another grid (beyond `GRID_ATOL`), label values outside the
+preset's set. 3D files are read with MONAI's `LoadImage` (nibabel), 2D images with Pillow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deconver.data.records import Case, DatasetError
+
+# Largest allowed difference between two affines (mm) for "the same grid"; ISLES'22 masks differ from
+# their DWI by ~1e-7, a real misregistration by far more than this.
+GRID_ATOL = 1e-3
+
+
+@dataclass
+class LoadedCase:
+    """A case's arrays on its native grid (channel first) and the native geometry."""
+
+    image: Any                 # MetaTensor (C, *S) float32 (3D) / ndarray (C, H, W) float32 (2D)
+    label: np.ndarray | None   # (*S) uint8, values in the preset's label space
+    instances: np.ndarray | None  # (*S) int32 instance map (GlaS) or None
+    affine: np.ndarray         # 4x4 native affine (identity in 2D)
+    spacing: tuple[float, ...]
+    shape: tuple[int, ...]
+    axcodes: str | None
+    source: Path | None = None  # the first image file (named in errors)
+
+
+def allowed_label_values(preset) -> list[int]:
+    return sorted({0, *(v for vals in preset.labels.values() for v in vals)})
+
+
+def foreground_value(preset) -> int:
+    """The value a binary target (GlaS instances > 0, FIVES channel 0 > 127) is stored as."""
+    return int(next(iter(preset.labels.values()))[0])
+
+
+def encode_label(raw: np.ndarray, encoding: str, path: Path, preset) -> tuple[np.ndarray, np.ndarray | None]:
+    """(label map in the preset's label space as uint8, instance map or None) from a label file's array."""
+    if encoding == "values":
+        if raw.dtype.kind == "f":
+            if not np.isfinite(raw).all():
+                raise DatasetError(f"{path}: label file holds NaN or inf values")
+            rounded = np.round(raw)
+            if np.abs(raw - rounded).max(initial=0) > 1e-3:
+                raise DatasetError(f"{path}: label file holds non-integer values (e.g. {raw[raw != rounded].flat[0]})")
+            raw = rounded
+        values = np.unique(raw)
+        allowed = allowed_label_values(preset)
+        bad = [v.item() for v in values if v not in allowed]
+        if bad:
+            raise DatasetError(f"{path}: unexpected label values {[int(b) if float(b).is_integer() else b for b in bad]}"
+                               f"; the preset {preset.name!r} allows {allowed}")
+        return raw.astype(np.uint8), None
+    if encoding == "instances":
+        if raw.ndim == 3:  # an RGB-stored instance map: the ids are in every channel
+            raw = raw[..., 0]
+        if raw.dtype.kind == "f" or (raw < 0).any():
+            raise DatasetError(f"{path}: an instance map must hold non-negative integers")
+        instances = raw.astype(np.int32)
+        return ((instances > 0) * foreground_value(preset)).astype(np.uint8), instances
+    if encoding == "threshold":
+        if raw.ndim == 3:
+            raw = raw[..., 0]
+        return ((raw > 127) * foreground_value(preset)).astype(np.uint8), None
+    raise DatasetError(f"{path}: unknown label encoding {encoding!r}")
+
+
+def _load_nifti(path: Path, dtype) -> Any:
+    from monai.transforms import LoadImage
+
+    try:
+        return LoadImage(reader="NibabelReader", image_only=True, dtype=dtype)(str(path))
+    except Exception as err:  # nibabel/zlib/gzip raise many types for unreadable or truncated files
+        raise DatasetError(f"{path}: cannot read NIfTI file ({type(err).__name__}: {err})") from None
+
+
+def _affine(img) -> np.ndarray:
+    return np.asarray(img.affine, dtype=np.float64)
+
+
+def same_grid(a_affine, a_shape, b_affine, b_shape, atol: float | None = None) -> bool:
+    """Same shape, and affines equal within `atol` mm (default `GRID_ATOL`)."""
+    atol = GRID_ATOL if atol is None else atol
+    return tuple(a_shape) == tuple(b_shape) and np.allclose(a_affine, b_affine, rtol=0, atol=atol)
+
+
+def _check_finite(arr, path: Path) -> None:
+    import torch
+
+    a = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
+    finite = np.isfinite(a)
+    if not finite.all():
+        raise DatasetError(f"{path}: {int(a.size - np.count_nonzero(finite))} NaN or inf intensities")
+
+
+def load_case(case: Case, preset, with_label: bool = True) -> LoadedCase:
+    """The case's channels stacked on the first channel's grid, and its label, all checked."""
+    fmt = case.meta.get("format", "nifti")
+    if fmt == "image2d":
+        return _load_2d(case, preset, with_label)
+    if fmt == "nifti":
+        return _load_3d(case, preset, with_label)
+    raise DatasetError(f"case {case.id}: unknown image format {fmt!r}")
+
+
+def _load_3d(case: Case, preset, with_label: bool) -> LoadedCase:
+    import nibabel as nib
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import EnsureChannelFirst, ResampleToMatch
+
+    resample = set(case.meta.get("resample_channels", []))
+    zero = set(case.meta.get("zero_channels", []))
+    per_file = int(case.meta.get("channels_per_file", 1))
+    channels: list[Any] = []
+    ref = ref_path = None
+    for i, path in enumerate(case.images):
+        if i in zero:
+            channels.append(None)
+            continue
+        img = _load_nifti(path, np.float32)
+        spatial = img.ndim - (1 if per_file > 1 else 0)
+        if spatial != 3:
+            raise DatasetError(f"{path}: expected a 3D image{'' if per_file == 1 else f' with {per_file} channels'}, "
+                               f"got shape {tuple(img.shape)}")
+        if per_file > 1 and img.shape[-1] != per_file:
+            raise DatasetError(f"{path}: expected {per_file} channels in the last axis, got shape {tuple(img.shape)}")
+        img = EnsureChannelFirst(channel_dim=-1 if per_file > 1 else "no_channel")(img)
+        _check_finite(img, path)
+        if ref is None:
+            ref, ref_path = img, path
+        elif not same_grid(_affine(img), img.shape[1:], _affine(ref), ref.shape[1:]):
+            if i in resample:
+                img = ResampleToMatch(mode="bilinear", padding_mode="zeros")(img, img_dst=ref)
+                img = MetaTensor(img.as_tensor().float(), affine=ref.affine)
+            else:
+                raise DatasetError(f"{path}: grid {tuple(img.shape[1:])} / affine differs from {ref_path} "
+                                   f"{tuple(ref.shape[1:])} by more than the tolerance ({GRID_ATOL} mm)")
+        channels.append(img)
+    if ref is None:
+        raise DatasetError(f"case {case.id}: no readable image channel")
+    tensors = [torch.zeros_like(ref.as_tensor()) if c is None else c.as_tensor() for c in channels]
+    image = MetaTensor(torch.cat(tensors, 0).float(), affine=ref.affine.clone(), meta={"filename_or_obj": str(ref_path)})
+    label = None
+    if with_label and case.label is not None:
+        lab = _load_nifti(case.label, None)
+        if lab.ndim == 4 and lab.shape[-1] == 1:
+            lab = lab[..., 0]
+        if lab.ndim != 3:
+            raise DatasetError(f"{case.label}: expected a 3D label map, got shape {tuple(lab.shape)}")
+        if not same_grid(_affine(lab), lab.shape, _affine(ref), ref.shape[1:]):
+            raise DatasetError(f"{case.label}: label grid {tuple(lab.shape)} / affine does not match the image "
+                               f"{ref_path} {tuple(ref.shape[1:])} (tolerance {GRID_ATOL} mm)")
+        label, _ = encode_label(np.asarray(lab.as_tensor().numpy()), case.meta.get("label_encoding", "values"),
+                                case.label, preset)
+    affine = _affine(ref)
+    spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(0)))
+    return LoadedCase(image=image, label=label, instances=None, affine=affine, spacing=spacing,
+                      shape=tuple(int(s) for s in ref.shape[1:]), axcodes="".join(nib.aff2axcodes(affine)),
+                      source=case.images[0])
+
+
+def read_image_2d(path: Path) -> np.ndarray:
+    """An image file as an array (H, W) or (H, W, C), fully decoded; DatasetError if it cannot be."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
+                im = im.convert("RGB")
+            elif im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGB")
+            arr = np.asarray(im)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError … on broken files
+        raise DatasetError(f"{path}: cannot read image file ({type(err).__name__}: {err})") from None
+    return arr
+
+
+def read_rgb_2d(path: Path) -> np.ndarray:
+    """An RGB image (3, H, W) float32; grayscale is repeated, palette images are expanded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as err:
+        raise DatasetError(f"{path}: cannot read image file ({type(err).__name__}: {err})") from None
+    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
+
+
+def _load_2d(case: Case, preset, with_label: bool) -> LoadedCase:
+    if len(case.images) != 1:
+        raise DatasetError(f"case {case.id}: a 2D case has one RGB file, got {case.images}")
+    image = read_rgb_2d(case.images[0])
+    if image.shape[0] != preset.in_channels:
+        raise DatasetError(f"{case.images[0]}: {image.shape[0]} channels, the preset expects {preset.in_channels}")
+    label = instances = None
+    if with_label and case.label is not None:
+        raw = read_image_2d(case.label)
+        if raw.shape[:2] != image.shape[1:]:
+            raise DatasetError(f"{case.label}: mask size {raw.shape[1]}x{raw.shape[0]} does not match the image "
+                               f"{case.images[0]} ({image.shape[2]}x{image.shape[1]})")
+        label, instances = encode_label(raw, case.meta.get("label_encoding", "values"), case.label, preset)
+    return LoadedCase(image=image, label=label, instances=instances, affine=np.eye(4), spacing=(1.0, 1.0),
+                      shape=tuple(image.shape[1:]), axcodes=None, source=case.images[0])
+
+
+def read_native_label(entry: dict, preset_like) -> tuple[np.ndarray, np.ndarray | None]:
+    """(label map, instances) of a manifest entry's source label file, in the native grid."""
+    path = Path(entry["source"]["label"])
+    encoding = entry["label_encoding"]
+    if entry["spatial_dims"] == 2:
+        raw = read_image_2d(path)
+    else:
+        import nibabel as nib
+
+        try:
+            raw = np.asanyarray(nib.load(str(path)).dataobj)
+        except Exception as err:
+            raise DatasetError(f"{path}: cannot read NIfTI file ({type(err).__name__}: {err})") from None
+        if raw.ndim == 4 and raw.shape[-1] == 1:
+            raw = raw[..., 0]
+    return encode_label(raw, encoding, path, preset_like)

@@ -1,0 +1,127 @@
+"""Going back from the prepared grid to the native one: predictions and ground truth for evaluation.
+
+`deconver prepare` records, per case, the native affine/shape, the reorientation, the crop box on the
+reoriented grid and the affines before and after resampling (``entry["geometry"]``). `to_native` undoes
+them in reverse order: resample the prepared grid back onto the cropped grid (MONAI `SpatialResample`
+through the two affines), paste it into the reoriented grid at the crop box (zeros outside), then undo the
+reorientation exactly (a permutation and flips, nibabel's orientation algebra).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from deconver.data.records import DatasetError
+from deconver.io import atomic_path
+
+
+def inverse_orientation(array: np.ndarray, geometry: dict) -> np.ndarray:
+    """(C, *oriented) -> (C, *native): undo the permutation/flips of the recorded reorientation."""
+    import nibabel as nib
+
+    if not geometry.get("orientation"):
+        return array
+    native = np.asarray(geometry["native_affine"], dtype=np.float64)
+    src = nib.orientations.io_orientation(native)
+    dst = nib.orientations.axcodes2ornt(tuple(geometry["orientation"]))
+    back = nib.orientations.ornt_transform(dst, src)
+    return np.stack([nib.orientations.apply_orientation(c, back) for c in array])
+
+
+def to_native(array, entry: dict, mode: str = "nearest") -> np.ndarray:
+    """An array (C, *S) on a case's prepared grid, as (C, *native shape) on its native grid.
+
+    mode: "nearest" for label maps (values are kept) or "linear" for probabilities/intensities.
+    Voxels the foreground crop removed come back as 0.
+    """
+    import torch
+
+    if mode not in ("nearest", "linear"):
+        raise ValueError(f"mode must be 'nearest' or 'linear', got {mode!r}")
+    g = entry["geometry"]
+    arr = np.asarray(array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else array)
+    if arr.ndim != len(g["prepared_shape"]) + 1 or tuple(arr.shape[1:]) != tuple(g["prepared_shape"]):
+        raise ValueError(f"case {entry['id']}: expected an array (C, {', '.join(map(str, g['prepared_shape']))}) "
+                         f"on the prepared grid, got {tuple(arr.shape)}")
+    dtype = arr.dtype
+    if g["resampled"]:
+        from monai.data import MetaTensor
+        from monai.transforms import SpatialResample
+
+        t = MetaTensor(torch.as_tensor(np.ascontiguousarray(arr), dtype=torch.float32),
+                       affine=torch.as_tensor(g["prepared_affine"], dtype=torch.float64))
+        out = SpatialResample(mode="nearest" if mode == "nearest" else "bilinear", padding_mode="border",
+                              dtype=np.float32)(t, dst_affine=torch.as_tensor(g["cropped_affine"], dtype=torch.float64),
+                                                spatial_size=g["cropped_shape"])
+        arr = np.asarray(out.as_tensor().numpy())
+        if mode == "nearest" and dtype.kind in "iub":
+            arr = np.rint(arr)
+        arr = arr.astype(dtype, copy=False)
+    start, end = g["crop_start"], g["crop_end"]
+    full = np.zeros((arr.shape[0], *g["oriented_shape"]), dtype=arr.dtype)
+    full[(slice(None), *(slice(s, e) for s, e in zip(start, end)))] = arr
+    native = inverse_orientation(full, g)
+    if tuple(native.shape[1:]) != tuple(g["native_shape"]):
+        raise RuntimeError(f"case {entry['id']}: inversion produced {native.shape[1:]}, expected {g['native_shape']}")
+    return np.ascontiguousarray(native)
+
+
+def save_native(label_map, entry: dict, path: str | Path) -> Path:
+    """Write a label map (*native shape) in the native format: NIfTI with the source image's affine and
+    header (3D), PNG (2D). Atomic."""
+    label_map = np.asarray(label_map)
+    g = entry["geometry"]
+    if tuple(label_map.shape) != tuple(g["native_shape"]):
+        raise ValueError(f"case {entry['id']}: label map of shape {label_map.shape}, native shape is {g['native_shape']}")
+    path = Path(path)
+    if label_map.min(initial=0) < 0 or label_map.max(initial=0) > 255:
+        raise ValueError(f"case {entry['id']}: label values must lie in 0..255")
+    data = label_map.astype(np.uint8)
+    if entry["spatial_dims"] == 2:
+        from PIL import Image
+
+        with atomic_path(path) as tmp:
+            Image.fromarray(data, mode="L").save(tmp, format="PNG")
+        return path
+    import nibabel as nib
+
+    source = Path(entry["source"]["images"][0])
+    try:
+        header = nib.load(str(source)).header.copy()
+    except Exception as err:
+        raise DatasetError(f"{source}: cannot read the source image header ({err})") from None
+    img = nib.Nifti1Image(data, np.asarray(g["native_affine"]), header=header)
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1, 0)
+    img.header["cal_min"], img.header["cal_max"] = 0, float(data.max(initial=0))
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def _label_space(entry: dict) -> SimpleNamespace:
+    return SimpleNamespace(name=entry.get("preset", "?"), labels=entry["labels"])
+
+
+def load_native_label(entry: dict) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The case's ground truth on its native grid in the preset's label space, and the native spacing
+    (mm in 3D, (1, 1) pixels in 2D)."""
+    from deconver.data.loading import read_native_label
+
+    if not entry["source"].get("label"):
+        raise DatasetError(f"case {entry['id']}: has no label file")
+    label, _ = read_native_label(entry, _label_space(entry))
+    return label, tuple(entry["geometry"]["native_spacing"])
+
+
+def load_native_instances(entry: dict) -> np.ndarray:
+    """The GlaS instance map (0 background, one id per gland) of a case, int32 on its native grid."""
+    from deconver.data.loading import read_native_label
+
+    if entry.get("label_encoding") != "instances":
+        raise DatasetError(f"case {entry['id']}: its labels are not an instance map "
+                           f"(label encoding {entry.get('label_encoding')!r})")
+    _, instances = read_native_label(entry, _label_space(entry))
+    return instances

@@ -1,0 +1,463 @@
+"""`deconver synth`: small SYNTHETIC stand-ins written in each dataset's official layout.
+
+They exist so the embedded-default study and the tests run anywhere; they are not real data and say
+so (a ``SYNTHETIC.txt`` at the root, which every reader turns into ``meta["synthetic"] = True``). Each
+looks like its task, so a model learns something in a few epochs, and carries the real layouts' quirks:
+
+- isles22: DWI/ADC on an oblique 2 mm LAS grid with lesions bright on DWI and dark on ADC, FLAIR on
+  another grid (1 x 1 x 5 mm, shifted origin), uint16 masks whose affine differs from DWI by ~1e-7;
+  case 2 has an empty mask, case 3 has no FLAIR. Zenodo layout by default (``layout="challenge"``
+  writes rawdata/ + derivatives/).
+- brats23: 4 channels (t1n, t1c, t2w, t2f, int16), uint8 labels with nested regions (ET 3 rim inside
+  TC = NCR 1 + ET, inside WT = TC + edema 2); the last case sits in a doubly nested top folder.
+- glas: RGB BMP H&E-like tiles of varying size with glands (white lumen, purple epithelium), the
+  annotation an 8-bit instance map, Grade.csv with leading spaces and CR-only line endings.
+- fives: 512 x 512 RGB fundus images with a branching vessel tree from the optic disc, masks 0/255 (every
+  third one stored as RGB), Thumbs.db files, ``Quality Assessment.xlsx``, and the test split's
+  ground truth in the misspelt ``Groud truth`` folder of one mirror.
+
+The dataset is written into a temporary folder beside `out` and renamed into place at the end, so an
+interrupted run leaves nothing that looks like a dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from deconver.data.readers._common import SYNTHETIC_MARKER
+from deconver.data.records import DatasetError
+
+KINDS = ("isles22", "brats23", "glas", "fives")
+BRATS_TOP = "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData"
+
+
+# --------------------------------------------------------------------------- helpers
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+
+
+def _grid_world(shape, affine) -> np.ndarray:
+    """World coordinates (mm) of every voxel centre, shape (*shape, 3)."""
+    idx = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"), -1)
+    return idx @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _rotation_z(theta: float) -> np.ndarray:
+    c, s = math.cos(theta), math.sin(theta)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+
+
+def _texture(points: np.ndarray, rng: np.random.Generator, scale: float, waves: int = 4) -> np.ndarray:
+    """A smooth random field in [-1, 1]: a sum of a few plane waves evaluated at `points` (…, d)."""
+    d = points.shape[-1]
+    out = np.zeros(points.shape[:-1])
+    for _ in range(waves):
+        k = rng.normal(size=d)
+        k *= 2 * math.pi / (scale * np.linalg.norm(k))
+        out += np.sin(points @ k + rng.uniform(0, 2 * math.pi))
+    return out / waves
+
+
+# --------------------------------------------------------------------------- ISLES'22
+def _isles_case(rng: np.random.Generator, lesions: int, with_flair: bool) -> dict:
+    shape = (56, 64, 44)
+    rot = _rotation_z(rng.uniform(-0.08, 0.08))
+    lin = rot @ np.diag([-2.0, 2.0, 2.0])  # LAS, slightly oblique, as the real sample
+    centre_vox = (np.asarray(shape) - 1) / 2
+    origin = -lin @ centre_vox + rng.uniform(-5, 5, 3)
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = lin, origin
+    head_c = affine[:3, 3] + lin @ centre_vox + rng.uniform(-3, 3, 3)
+    axes = np.array([47.0, 56.0, 37.0]) * rng.uniform(0.92, 1.0, 3)
+    vent = [(head_c + np.array([sx * 9.0, 4.0, 4.0]), np.array([5.0, 14.0, 7.0])) for sx in (-1, 1)]
+    spots = []
+    for _ in range(lesions):
+        for _try in range(50):
+            u = rng.normal(size=3)
+            u = u / np.linalg.norm(u) * rng.uniform(0.1, 0.7)
+            centre = head_c + u * axes
+            if all(np.linalg.norm((centre - c) / a) > 1.6 for c, a in vent):
+                break
+        spots.append((centre, rng.uniform(3.0, 12.0) * rng.uniform(0.7, 1.3, 3)))
+    tex_seed = int(rng.integers(1 << 31))
+
+    def phantom(world):
+        q = np.linalg.norm((world - head_c) / axes, axis=-1)
+        head = q < 1.0
+        csf = np.zeros(world.shape[:-1], bool)
+        for c, a in vent:
+            csf |= np.linalg.norm((world - c) / a, axis=-1) < 1.0
+        lesion = np.zeros(world.shape[:-1], bool)
+        for c, a in spots:
+            lesion |= np.linalg.norm((world - c) / a, axis=-1) < 1.0
+        lesion &= head & ~csf
+        tex = _texture(world, np.random.default_rng(tex_seed), scale=25.0)
+        return head, csf, lesion, tex
+
+    head, csf, lesion, tex = phantom(_grid_world(shape, affine))
+    noise = lambda s: rng.normal(0, s, shape)  # noqa: E731
+    dwi = head * (100 + 12 * tex + noise(5)) + csf * -60 + lesion * 160
+    adc = head * (800 + 60 * tex + noise(30)) + csf * 1500 - lesion * 430
+    out = {"affine": affine, "dwi": np.clip(dwi, 0, None) * head, "adc": np.clip(adc, 1, None) * head,
+           "mask": lesion.astype(np.uint16)}
+    if with_flair:
+        f_shape = (112, 128, 18)
+        f_rot = _rotation_z(rng.uniform(-0.05, 0.05)) @ rot
+        f_lin = f_rot @ np.diag([-1.0, 1.0, 5.0])
+        f_aff = np.eye(4)
+        f_aff[:3, :3] = f_lin
+        f_aff[:3, 3] = head_c - f_lin @ ((np.asarray(f_shape) - 1) / 2) + np.array([3.0, -4.0, 2.0])
+        fh, fc, fl, ft = phantom(_grid_world(f_shape, f_aff))
+        flair = fh * (300 + 30 * ft + rng.normal(0, 12, f_shape)) - fc * 220 + fl * 170
+        out["flair"], out["flair_affine"] = np.clip(flair, 0, None) * fh, f_aff
+    return out
+
+
+def write_isles22(out: Path, cases: int, seed: int, layout: str = "zenodo") -> list[str]:
+    """ISLES'22-like cases in the Zenodo (default) or challenge layout; returns the planted quirks."""
+    if layout not in ("zenodo", "challenge"):
+        raise ValueError(f"layout must be 'zenodo' or 'challenge', got {layout!r}")
+    quirks = ["mask affine differs from DWI by ~1e-7"]
+    for i in range(cases):
+        rng = np.random.default_rng([seed, i])
+        sub = f"sub-strokecase{i + 1:04d}"
+        empty, no_flair = i == 1, i == 2
+        if empty:
+            quirks.append(f"{sub}: empty mask")
+        if no_flair:
+            quirks.append(f"{sub}: no FLAIR")
+        data = _isles_case(rng, lesions=0 if empty else int(rng.integers(1, 4)), with_flair=not no_flair)
+        stem = f"{sub}_ses-0001"
+        if layout == "zenodo":
+            base = out / "ISLES-2022"
+            img_dir, anat_dir = base / sub / "ses-0001" / "dwi", base / sub / "ses-0001" / "anat"
+            mask_dir, flair_name = base / "derivatives" / sub / "ses-0001", f"{stem}_FLAIR.nii.gz"
+        else:
+            img_dir = anat_dir = out / "rawdata" / sub / "ses-0001"
+            mask_dir, flair_name = out / "derivatives" / sub / "ses-0001", f"{stem}_flair.nii.gz"
+        _save_nifti(data["dwi"].astype(np.float32), data["affine"], img_dir / f"{stem}_dwi.nii.gz")
+        _save_nifti(data["adc"].astype(np.float32), data["affine"], img_dir / f"{stem}_adc.nii.gz")
+        if "flair" in data:
+            _save_nifti(data["flair"].astype(np.float32), data["flair_affine"], anat_dir / flair_name)
+        mask_affine = data["affine"] + rng.uniform(-1e-7, 1e-7, (4, 4)) * np.r_[np.ones(3), 0][:, None]
+        _save_nifti(data["mask"], mask_affine, mask_dir / f"{stem}_msk.nii.gz")
+    return quirks
+
+
+# --------------------------------------------------------------------------- BraTS'23
+def _brats_case(rng: np.random.Generator) -> dict:
+    shape = (64, 64, 48)
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"), -1)
+    centre = (np.asarray(shape) - 1) / 2 + rng.uniform(-1.5, 1.5, 3)
+    axes = np.array([27.0, 29.0, 20.0]) * rng.uniform(0.93, 1.0, 3)
+    brain = np.linalg.norm((grid - centre) / axes, axis=-1) < 1.0
+    tex = _texture(grid, rng, scale=14.0)
+    t_centre = centre + rng.uniform(-0.35, 0.35, 3) * axes
+    rel = grid - t_centre
+    dist = np.linalg.norm(rel, axis=-1)
+    direction = rel / np.maximum(dist[..., None], 1e-6)
+    bumps = 1 + 0.18 * np.sin(direction @ rng.normal(size=3) * 3 + rng.uniform(0, 6))
+    r_wt = rng.uniform(7.0, 13.0)
+    r_tc = r_wt * rng.uniform(0.45, 0.7)
+    rim = rng.uniform(1.8, 3.0)
+    d = dist / bumps
+    label = np.zeros(shape, np.uint8)
+    label[(d < r_wt) & brain] = 2                       # edema (WT only)
+    label[(d < r_tc) & brain] = 3                       # enhancing rim (ET, TC, WT)
+    if rng.uniform() < 0.8:
+        label[(d < r_tc - rim) & brain] = 1             # necrotic core (TC, WT)
+    ncr, ed, et = label == 1, label == 2, label == 3
+    base = brain * (1 + 0.08 * tex)
+    noise = lambda s: rng.normal(0, s, shape)  # noqa: E731
+    chans = {
+        "t1n": base * 500 - ed * 80 - (ncr | et) * 150 + noise(15),
+        "t1c": base * 520 - ed * 60 - ncr * 250 + et * 600 + noise(15),
+        "t2w": base * 400 + ed * 450 + ncr * 600 + et * 250 + noise(15),
+        "t2f": base * 420 + ed * 500 + ncr * 150 + et * 300 + noise(15),
+    }
+    affine = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, shape[1] - 1.0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+    return {"affine": affine, "label": label,
+            **{k: (np.clip(v, 0, None) * brain).round().astype(np.int16) for k, v in chans.items()}}
+
+
+def write_brats23(out: Path, cases: int, seed: int) -> list[str]:
+    """BraTS'23-like cases; the last one lies in a doubly nested top folder."""
+    quirks = []
+    for i in range(cases):
+        rng = np.random.default_rng([seed, i])
+        case = f"BraTS-GLI-{i:05d}-000"
+        top = out / BRATS_TOP
+        if i == cases - 1 and cases > 1:
+            top = top / BRATS_TOP
+            quirks.append(f"{case}: inside a doubly nested {BRATS_TOP}/{BRATS_TOP}/ folder")
+        data = _brats_case(rng)
+        for mod in ("t1c", "t1n", "t2f", "t2w"):
+            _save_nifti(data[mod], data["affine"], top / case / f"{case}-{mod}.nii.gz")
+        _save_nifti(data["label"], data["affine"], top / case / f"{case}-seg.nii.gz")
+    return quirks
+
+
+# --------------------------------------------------------------------------- GlaS
+def _glas_case(rng: np.random.Generator, malignant: bool) -> tuple[np.ndarray, np.ndarray]:
+    h, w = int(rng.integers(256, 321)), int(rng.integers(256, 321))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    pts = np.stack([yy, xx], -1)
+    tex = _texture(pts, rng, scale=40.0)
+    img = np.empty((h, w, 3))
+    img[..., 0], img[..., 1], img[..., 2] = 232 + 10 * tex, 170 + 18 * tex, 200 + 10 * tex  # eosin stroma
+    inst = np.zeros((h, w), np.uint8)
+    n_target = int(rng.integers(3, 8))
+    gid = 0
+    for _ in range(60):
+        if gid >= n_target:
+            break
+        cy, cx = rng.uniform(20, h - 20), rng.uniform(20, w - 20)
+        a, b = rng.uniform(22, 55), rng.uniform(16, 38)
+        th = rng.uniform(0, math.pi)
+        dy, dx = yy - cy, xx - cx
+        u = (dx * math.cos(th) + dy * math.sin(th)) / a
+        v = (-dx * math.sin(th) + dy * math.cos(th)) / b
+        ang = np.arctan2(v, u)
+        wobble = 1 + (0.22 if malignant else 0.06) * np.sin(3 * ang + rng.uniform(0, 6)) \
+            + (0.12 if malignant else 0.03) * np.sin(5 * ang + rng.uniform(0, 6))
+        r = np.sqrt(u ** 2 + v ** 2) / wobble
+        gland = r < 1.0
+        if (inst[gland] > 0).any() or (inst[r < 1.15] > 0).any():
+            continue
+        gid += 1
+        inst[gland] = gid
+        lumen = r < rng.uniform(0.45, 0.65)
+        epi = gland & ~lumen
+        img[epi] = [150, 80, 165]                        # epithelium (haematoxylin-stained cytoplasm)
+        img[lumen] = [244, 238, 246]                     # lumen
+        nuclei = epi & (rng.uniform(size=(h, w)) < 0.12)
+        img[nuclei] = [85, 40, 120]
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), inst
+
+
+def write_glas(out: Path, cases: int, seed: int) -> list[str]:
+    """GlaS-like tiles named train_N / testA_N / testB_N (official proportions 85:60:20) and Grade.csv."""
+    from PIL import Image
+
+    n_a = max(1, round(cases * 60 / 165))
+    n_b = max(1, round(cases * 20 / 165))
+    n_train = max(1, cases - n_a - n_b)
+    names = ([f"train_{k + 1}" for k in range(n_train)] + [f"testA_{k + 1}" for k in range(n_a)]
+             + [f"testB_{k + 1}" for k in range(n_b)])
+    out.mkdir(parents=True, exist_ok=True)
+    rows = ["name,patient ID, grade (GlaS), grade (Sirinukunwattana et al. 2015)"]
+    for i, name in enumerate(names):
+        rng = np.random.default_rng([seed, i])
+        malignant = bool(rng.uniform() < 0.5)
+        img, inst = _glas_case(rng, malignant)
+        Image.fromarray(img, mode="RGB").save(out / f"{name}.bmp")
+        Image.fromarray(inst, mode="L").save(out / f"{name}_anno.bmp")
+        grade, sub = ("malignant", "adenocarcinoma") if malignant else ("benign", "adenomatous")
+        rows.append(f"{name},{int(rng.integers(1, 40))}, {grade}, {sub}")
+    (out / "Grade.csv").write_bytes(("\r".join(rows) + "\r").encode())  # CR-only, as the original
+    return ["Grade.csv with leading spaces and CR-only line endings", "annotations are instance maps"]
+
+
+# --------------------------------------------------------------------------- FIVES
+def _draw_vessels(draw_img, draw_mask, rng, start, angle, width, steps, depth, inside) -> None:
+    x, y = start
+    for step in range(steps):
+        angle += rng.normal(0, 0.12)
+        nx, ny = x + 7 * math.cos(angle), y + 7 * math.sin(angle)
+        if not inside(nx, ny):
+            return
+        w = max(1, int(round(width)))
+        shade = int(rng.integers(-12, 12))
+        draw_img.line([(x, y), (nx, ny)], fill=(135 + shade, 32, 22), width=w)
+        draw_mask.line([(x, y), (nx, ny)], fill=255, width=w)
+        x, y = nx, ny
+        width = max(1.0, width * 0.985)
+        if depth > 0 and step > 3 and rng.uniform() < 0.09:
+            side = 1 if rng.uniform() < 0.5 else -1
+            _draw_vessels(draw_img, draw_mask, rng, (x, y), angle + side * rng.uniform(0.4, 0.9),
+                          width * 0.7, int(steps * 0.6), depth - 1, inside)
+
+
+def _fives_case(rng: np.random.Generator, size: int, category: str) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image, ImageDraw, ImageFilter
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    c = (size - 1) / 2
+    radius = size * 0.47
+    r2 = ((xx - c) ** 2 + (yy - c) ** 2) / radius ** 2
+    fundus = r2 < 1.0
+    tex = _texture(np.stack([yy, xx], -1), rng, scale=size / 4)
+    img = np.zeros((size, size, 3))
+    img[..., 0] = 200 - 70 * r2 + 10 * tex
+    img[..., 1] = 85 - 35 * r2 + 6 * tex
+    img[..., 2] = 35 - 15 * r2
+    side = 1 if rng.uniform() < 0.5 else -1
+    disc = (c + side * size * 0.27, c + rng.uniform(-0.05, 0.05) * size)
+    d2 = ((xx - disc[0]) ** 2 + (yy - disc[1]) ** 2) / (size * 0.06) ** 2
+    img += np.exp(-d2)[..., None] * np.array([60, 120, 80])
+    mac = ((xx - (c - side * size * 0.05)) ** 2 + (yy - c) ** 2) / (size * 0.08) ** 2
+    img -= np.exp(-mac)[..., None] * np.array([40, 20, 5])
+    if category == "A":   # drusen-like bright spots near the macula
+        for _ in range(12):
+            px, py = c - side * size * 0.05 + rng.normal(0, size * 0.05), c + rng.normal(0, size * 0.05)
+            img += np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / 18.0)[..., None] * np.array([40, 50, 20])
+    if category == "D":   # haemorrhage-like dark blots
+        for _ in range(10):
+            px, py = rng.uniform(0.25, 0.75) * size, rng.uniform(0.25, 0.75) * size
+            img -= np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / 30.0)[..., None] * np.array([70, 40, 10])
+    image = Image.fromarray(np.clip(img * fundus[..., None], 0, 255).astype(np.uint8), mode="RGB")
+    mask = Image.new("L", (size, size), 0)
+    di, dm = ImageDraw.Draw(image), ImageDraw.Draw(mask)
+    inside = lambda x, y: ((x - c) ** 2 + (y - c) ** 2) < (radius * 0.97) ** 2  # noqa: E731
+    base_w = size / 80
+    for up in (-1, 1):
+        for toward, length in ((-side, 70), (side, 30)):   # temporal arcades long, nasal vessels short
+            a0 = math.atan2(up, toward * 0.6)
+            _draw_vessels(di, dm, rng, disc, a0 + rng.normal(0, 0.1), base_w * rng.uniform(0.85, 1.1),
+                          int(length * size / 512), 3, inside)
+    image = image.filter(ImageFilter.GaussianBlur(0.7))
+    arr = np.asarray(image).astype(np.float64)
+    arr += rng.normal(0, 3, arr.shape) * fundus[..., None]
+    return np.clip(arr * fundus[..., None], 0, 255).astype(np.uint8), np.asarray(mask)
+
+
+def write_fives(out: Path, cases: int, seed: int, size: int = 512) -> list[str]:
+    """FIVES-like train/test folders (3:1), categories A/D/G/N, with the layout's quirks."""
+    from PIL import Image
+
+    n_test = max(1, cases // 4)
+    n_train = max(1, cases - n_test)
+    quirks = ["Thumbs.db in train/Original and test/Groud truth", "Quality Assessment.xlsx at the root",
+              "test ground truth in 'Groud truth' (the misspelt mirror)"]
+    index = 0
+    for subset, count in (("train", n_train), ("test", n_test)):
+        gt_name = "Ground truth" if subset == "train" else "Groud truth"
+        (out / subset / "Original").mkdir(parents=True, exist_ok=True)
+        (out / subset / gt_name).mkdir(parents=True, exist_ok=True)
+        for k in range(count):
+            rng = np.random.default_rng([seed, index])
+            category = "ADGN"[k % 4]
+            name = f"{k + 1}_{category}.png"
+            img, mask = _fives_case(rng, size, category)
+            Image.fromarray(img, mode="RGB").save(out / subset / "Original" / name)
+            if index % 3 == 1:
+                Image.fromarray(np.repeat(mask[..., None], 3, -1), mode="RGB").save(out / subset / gt_name / name)
+                quirks.append(f"{subset}/{gt_name}/{name}: RGB mask")
+            else:
+                Image.fromarray(mask, mode="L").save(out / subset / gt_name / name)
+            index += 1
+    thumbs = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504)  # an OLE header, as Windows writes them
+    (out / "train" / "Original" / "Thumbs.db").write_bytes(thumbs)
+    (out / "test" / "Groud truth" / "Thumbs.db").write_bytes(thumbs)
+    _quality_sheet(out / "Quality Assessment.xlsx", seed)
+    return quirks
+
+
+def _quality_sheet(path: Path, seed: int) -> None:
+    from openpyxl import Workbook
+
+    wb = Workbook()
+    ws = wb.active
+    ws.title = "SYNTHETIC"
+    ws.append(["Disease", "Illuminaton & Color", "Blur", "Low contrast", "note"])
+    ws.append(["-", 1, 1, 1, f"synthetic stand-in (seed {seed}), not the real FIVES sheet"])
+    wb.save(path)
+
+
+# --------------------------------------------------------------------------- entry points
+WRITERS = {"isles22": write_isles22, "brats23": write_brats23, "glas": write_glas, "fives": write_fives}
+
+
+def write_synthetic(kind: str, out: str | Path, cases: int = 12, seed: int = 0, **options) -> Path:
+    """Write a synthetic `kind` dataset at `out` (atomically, via a temporary folder beside it).
+
+    A folder that already holds a synthetic dataset is left as it is (a no-op); any other non-empty
+    folder is refused. Returns `out`.
+    """
+    from deconver import __version__
+
+    if kind not in WRITERS:
+        raise DatasetError(f"no synthetic stand-in for {kind!r}; available: {sorted(WRITERS)}")
+    if cases < 1:
+        raise ValueError(f"cases must be positive, got {cases}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if (out / SYNTHETIC_MARKER).is_file():
+            return out
+        raise DatasetError(f"{out} exists and is not empty: refusing to write a synthetic dataset into it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        quirks = WRITERS[kind](tmp, cases, seed, **options)
+        note = [f"SYNTHETIC DATA - a stand-in for {kind}, written by `deconver synth` (deconver {__version__}).",
+                "Not real images or annotations: results on it say nothing about the real dataset.",
+                f"kind: {kind}", f"cases: {cases}", f"seed: {seed}",
+                *(f"option {k}: {v}" for k, v in sorted(options.items())), "planted quirks:",
+                *(f"  - {q}" for q in quirks)]
+        (tmp / SYNTHETIC_MARKER).write_text("\n".join(note) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="study config: write the dataset's stand-in at its root "
+                        "(when the study marks it synthetic and it is absent)")
+    parser.add_argument("--dataset", required=True, help=f"with --config a dataset of the study, else one of {KINDS}")
+    parser.add_argument("--out", help="hand use: folder to write")
+    parser.add_argument("--cases", type=int, help="number of cases (default 12, or the study's synth_cases)")
+    parser.add_argument("--seed", type=int, help="seed (default 0, or the study's seed)")
+    parser.add_argument("--layout", choices=["zenodo", "challenge"], help="isles22 only: which official layout")
+
+
+def run(args: argparse.Namespace) -> int:
+    from deconver.config import ConfigError, load_study
+
+    try:
+        options = {"layout": args.layout} if args.layout else {}
+        if args.config:
+            study = load_study(args.config)
+            preset = study.preset(args.dataset)
+            entry = study.datasets[args.dataset]
+            out = Path(args.out or entry.root)
+            if not entry.synthetic:
+                print(f"dataset {args.dataset!r} is not synthetic in {args.config}: nothing to write")
+                return 0
+            if out.exists() and any(out.iterdir()) and not (out / SYNTHETIC_MARKER).is_file():
+                print(f"{out} exists and holds data: nothing to write")
+                return 0
+            kind, cases = preset.reader, args.cases or entry.synth_cases
+            seed = study.seed if args.seed is None else args.seed
+        else:
+            if not args.out:
+                raise ConfigError("give --out (or --config with --dataset)")
+            kind, out, cases = args.dataset, Path(args.out), args.cases or 12
+            seed = 0 if args.seed is None else args.seed
+        if options and kind != "isles22":
+            raise ConfigError("--layout applies to isles22 only")
+        existed = (out / SYNTHETIC_MARKER).is_file()
+        write_synthetic(kind, out, cases=cases, seed=seed, **options)
+    except (DatasetError, ConfigError, ValueError) as err:
+        print(f"deconver synth: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{out}: {'already present, nothing to do' if existed else f'wrote {cases} synthetic {kind} cases'}")
+    return 0
