@@ -485,9 +485,10 @@ def test_describe_models_uses_the_study_datasets_dirs_and_kwargs(tmp_path):
 
 
 def test_readme_example_is_a_working_model_file(tmp_path):
-    """docs/models.md's example, written to a folder, is discovered, validated and built."""
-    text = (REPO_ROOT / "docs" / "models.md").read_text()
-    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    """The README's example, written to a folder, is discovered, validated and built."""
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text.split("## Add a baseline in one file", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
     _write(tmp_path, "basic_unet.py", code)
     registry = Registry()
     registry.discover([tmp_path])
