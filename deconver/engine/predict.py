@@ -1,0 +1,185 @@
+"""`deconver predict`: sliding-window inference of a finished run, written in the native grid and format.
+
+For each case: sliding-window probabilities on the prepared grid → back onto the native grid
+(`deconver.data.to_native`, linear) → a label map in the preset's label space (`LabelCodec.to_label_map`)
+→ `deconver.data.save_native` (NIfTI with the source affine and header in 3D, PNG in 2D). With
+``--probabilities`` also ``<case>_prob.nii.gz`` (3D, channels last, source affine) or ``<case>_prob.npy``
+(2D, channels first). ``predictions.json`` (case list, checkpoint, provenance) is written last: when it
+matches the checkpoint and the cases, a rerun does nothing.
+
+By default the fold's validation cases are predicted from the prepared cache; ``--input-dir`` predicts
+any folder in the preset's official layout instead (prepared on the fly into ``<output-dir>/.prepared``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deconver.config import ConfigError, Study
+from deconver.engine.run import RunSpec, open_prepared, read_fold, resolve_run
+
+CHECKPOINTS = ("final", "best", "last")
+
+
+def checkpoint_path(spec: RunSpec, which: str = "final") -> Path:
+    if which not in CHECKPOINTS:
+        raise ConfigError(f"--checkpoint: {which!r} is not one of {list(CHECKPOINTS)}")
+    path = spec.final if which == "final" else spec.checkpoints / f"{which}.ckpt"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: train the run first (`deconver train --config ... --dataset "
+                          f"{spec.dataset} --model {spec.model} --fold {spec.fold}`)")
+    return path
+
+
+def load_network(run_dir: Path, checkpoint: Path, device: str = "cpu"):
+    """Rebuild the network from ``model.json`` and load the weights of a checkpoint (eval mode)."""
+    import torch
+
+    from deconver import registry
+
+    record_path = run_dir / "model.json"
+    if not record_path.is_file():
+        raise ConfigError(f"{record_path} not found: the run folder is incomplete")
+    record = json.loads(record_path.read_text())
+    net = registry.create_model(record["name"], in_channels=record["in_channels"], out_channels=record["out_channels"],
+                                spatial_dims=record["spatial_dims"], roi_size=tuple(record["roi_size"]),
+                                dataset=record.get("dataset"), **record.get("kwargs", {}))
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(state)
+    return net.to(device).eval()
+
+
+def _device(study: Study, device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    if study.trainer.accelerator == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"
+
+
+def _file_id(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def save_probabilities(probs: np.ndarray, entry: dict, path: Path) -> Path:
+    """Probabilities (C, *native) as ``.npy`` (2D) or a 4D NIfTI, channels last, with the native affine (3D)."""
+    from deconver.io import atomic_path
+
+    if entry["spatial_dims"] == 2:
+        with atomic_path(path) as tmp:
+            np.save(tmp, probs.astype(np.float32))
+        return path
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.moveaxis(probs.astype(np.float32), 0, -1),
+                          np.asarray(entry["geometry"]["native_affine"], dtype=np.float64))
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def prediction_paths(out_dir: Path, case_id: str, spatial_dims: int) -> tuple[Path, Path]:
+    if spatial_dims == 2:
+        return out_dir / f"{case_id}.png", out_dir / f"{case_id}_prob.npy"
+    return out_dir / f"{case_id}.nii.gz", out_dir / f"{case_id}_prob.nii.gz"
+
+
+def predict(study: Study | str | Path | dict, dataset: str, model: str, fold: int, *, base: str | Path = ".",
+            probabilities: bool = False, input_dir: str | Path | None = None, output_dir: str | Path | None = None,
+            checkpoint: str = "final", device: str | None = None, progress: bool = True) -> Path:
+    """Predict a run's validation cases (or every case of `input_dir`) into the native grid; returns the folder."""
+    import torch
+    from tqdm import tqdm
+
+    from deconver.data import save_native, to_native
+    from deconver.engine.labels import LabelCodec
+    from deconver.engine.module import sliding_window_logits
+    from deconver.io import provenance, write_json_atomic
+
+    spec = resolve_run(study, dataset, model, fold, base=base)
+    ckpt = checkpoint_path(spec, checkpoint)
+    if input_dir is not None:
+        if output_dir is None:
+            raise ConfigError("--input-dir needs --output-dir")
+        from deconver.data import PreparedDataset, prepare_dataset
+
+        out_dir = Path(output_dir)
+        cache = out_dir / ".prepared"
+        prepare_dataset(spec.preset, input_dir, cache, dataset=dataset, progress=progress)
+        prepared = PreparedDataset(cache)
+        case_ids = prepared.case_ids
+    else:
+        prepared = open_prepared(spec)
+        _, case_ids = read_fold(spec)
+        out_dir = Path(output_dir) if output_dir is not None else spec.paths.predictions(dataset, model, fold)
+    record_path = out_dir / "predictions.json"
+    wanted = {"checkpoint": _file_id(ckpt), "cases": list(case_ids), "probabilities": bool(probabilities)}
+    if record_path.is_file():
+        try:
+            old = json.loads(record_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if all(old.get(k) == v for k, v in wanted.items()):
+            print(f"{out_dir}: predictions up to date, nothing to do", file=sys.stderr)
+            return out_dir
+        record_path.unlink()
+
+    dev = _device(spec.study, device)
+    net = load_network(spec.run_dir, ckpt, dev)
+    codec = LabelCodec.from_preset(spec.preset)
+
+    written = []
+    for case_id in tqdm(case_ids, desc=f"predict {dataset}/{model}/fold{fold}", unit="case", disable=not progress,
+                        file=sys.stderr):
+        entry = prepared.case(case_id)
+        image, _ = prepared.load(case_id)
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(dev)
+            logits = sliding_window_logits(net, x, spec.protocol)
+            probs = codec.activate(logits.float())[0].cpu().numpy()
+        native = to_native(probs, entry, mode="linear")
+        label_path, prob_path = prediction_paths(out_dir, case_id, entry["spatial_dims"])
+        save_native(codec.to_label_map(native), entry, label_path)
+        if probabilities:
+            save_probabilities(native, entry, prob_path)
+        written.append(label_path.name)
+    write_json_atomic(record_path, {**wanted, "files": written, "dataset": dataset, "model": model, "fold": fold,
+                                    "study": spec.study.study, "provenance": provenance(dev)})
+    return out_dir
+
+
+# --------------------------------------------------------------------------- CLI
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="study config (YAML)")
+    parser.add_argument("--dataset", required=True, help="dataset name in the study")
+    parser.add_argument("--model", required=True, help="registered model name")
+    parser.add_argument("--fold", required=True, type=int, help="fold index (its validation cases are predicted)")
+    parser.add_argument("--probabilities", action="store_true", help="also write the probabilities")
+    parser.add_argument("--checkpoint", default="final", choices=CHECKPOINTS, help="which weights (default: final)")
+    parser.add_argument("--input-dir", help="predict every case of this folder (the preset's official layout)")
+    parser.add_argument("--output-dir", help="where predictions go (default: the run's predictions/)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: from the study's trainer.accelerator)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from deconver.data import DatasetError
+
+    try:
+        out = predict(args.config, args.dataset, args.model, args.fold, probabilities=args.probabilities,
+                      input_dir=args.input_dir, output_dir=args.output_dir, checkpoint=args.checkpoint,
+                      device=args.device, progress=not args.no_progress)
+    except (ConfigError, DatasetError) as err:
+        print(f"deconver predict: error: {err}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0

@@ -1,0 +1,145 @@
+"""Resolving one (study, dataset, model, fold) run: config, inputs, checks that must pass before training.
+
+Shared by `train` and `predict`. Every failure is a `ConfigError` (or `DatasetError`) naming the key,
+flag or file, raised before any training starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deconver.config import ConfigError, DatasetPreset, Study, _validate, deep_merge, load_study
+from deconver.paths import StudyPaths
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs, resolved from the study config."""
+
+    study: Study
+    dataset: str
+    model: str
+    fold: int
+    preset: DatasetPreset
+    model_kwargs: dict[str, Any]
+    paths: StudyPaths
+    run_dir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def protocol(self):
+        return self.preset.protocol
+
+    @property
+    def where(self) -> str:
+        """The study key under which this dataset's protocol is overridden (for error messages)."""
+        return f"datasets.{self.dataset}.overrides.protocol"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / "final.ckpt"
+
+    def fingerprint(self) -> str:
+        """What a resumed run must share with the run it resumes (not devices or workers)."""
+        data = {"preset": self.preset.model_dump(mode="json", exclude={"protocol": {"num_workers"}}),
+                "model": self.model, "model_kwargs": self.model_kwargs, "seed": self.study.seed, "fold": self.fold}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def model_record(self) -> dict[str, Any]:
+        """model.json: what rebuilds the network from the run folder alone."""
+        return {"name": self.model, "kwargs": self.model_kwargs, "in_channels": self.preset.in_channels,
+                "out_channels": self.preset.out_channels, "spatial_dims": self.preset.spatial_dims,
+                "roi_size": list(self.protocol.roi_size), "dataset": self.preset.name}
+
+
+def as_study(study: Study | str | Path | dict) -> Study:
+    return study if isinstance(study, Study) else load_study(study)
+
+
+def resolve_run(study: Study | str | Path | dict, dataset: str, model: str, fold: int, *,
+                max_epochs: int | None = None, base: str | Path = ".") -> RunSpec:
+    """Resolve and check a run's configuration (no data is read here)."""
+    study = as_study(study)
+    preset = study.preset(dataset)
+    if not isinstance(fold, int) or not 0 <= fold < study.num_folds:
+        raise ConfigError(f"--fold: fold {fold!r} out of range for num_folds={study.num_folds} of study {study.study!r}")
+    if max_epochs is not None:
+        merged = deep_merge(preset.model_dump(mode="json"), {"protocol": {"epochs": max_epochs}})
+        preset = _validate(DatasetPreset, merged, where="--max-epochs")
+    if isinstance(study.models, list) and model not in study.models:
+        raise ConfigError(f"--model: {model!r} is not among the models of study {study.study!r}: {study.models}")
+    kwargs = study.model_kwargs(dataset, model)
+    paths = StudyPaths.of(study, base)
+    spec = RunSpec(study=study, dataset=dataset, model=model, fold=fold, preset=preset, model_kwargs=kwargs,
+                   paths=paths, run_dir=paths.run(dataset, model, fold))
+    check_model_fits(spec)
+    return spec
+
+
+def check_model_fits(spec: RunSpec) -> None:
+    """The registry's constraints (dims, roi divisibility, fixed size, kwargs) as a ConfigError naming the keys."""
+    from deconver import registry
+
+    if spec.study.model_dirs:
+        registry.discover(spec.study.model_dirs)
+    try:
+        constraints = registry.check_model(spec.model, spec.preset.spatial_dims, tuple(spec.protocol.roi_size),
+                                           spec.model_kwargs, dataset=spec.preset.name,
+                                           batch_size=spec.protocol.batch_size)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"model {spec.model!r} on dataset {spec.dataset!r} "
+                          f"({spec.where}.roi_size={list(spec.protocol.roi_size)}, "
+                          f"model_overrides.{spec.model}={spec.model_kwargs}): {err}") from None
+    spec.extra["divisor"] = tuple(int(d) for d in constraints.divisor)
+
+
+def check_roi_fits_images(spec: RunSpec, shapes: list[list[int]]) -> None:
+    """The roi may exceed an image (it is padded), but not every image padded to the model's divisor:
+    such a roi is a configuration mistake (most of every crop would be padding)."""
+    if not shapes:
+        return
+    divisor = spec.extra.get("divisor") or (1,) * len(shapes[0])
+    largest = [max(s[a] for s in shapes) for a in range(len(shapes[0]))]
+    padded = [int(math.ceil(n / d) * d) for n, d in zip(largest, divisor)]
+    roi = list(spec.protocol.roi_size)
+    if any(r > p for r, p in zip(roi, padded)):
+        raise ConfigError(f"{spec.where}.roi_size: {roi} is larger than every prepared image of {spec.dataset!r} "
+                          f"(largest {largest}, padded to the divisor {list(divisor)} of {spec.model!r}: {padded}); "
+                          f"use a roi_size of at most {padded}")
+
+
+def read_fold(spec: RunSpec) -> tuple[list[str], list[str]]:
+    """(train ids, val ids) of the run's fold from the split file `deconver split` wrote."""
+    path = spec.paths.split(spec.dataset)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run `deconver split --config ... --dataset {spec.dataset}` first")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the fold file ({err})") from None
+    for fold in data.get("folds", []):
+        if fold.get("fold") == spec.fold:
+            return list(fold["train"]), list(fold["val"])
+    raise ConfigError(f"{path}: has no fold {spec.fold} (folds {[f.get('fold') for f in data.get('folds', [])]}); "
+                      f"rerun `deconver split` for num_folds={spec.study.num_folds}")
+
+
+def open_prepared(spec: RunSpec):
+    """The prepared cache of the run's dataset, checked against the study's preset."""
+    from deconver.data import PreparedDataset
+
+    prepared = PreparedDataset(spec.paths.prepared(spec.dataset))
+    cached = prepared.preset
+    for key in ("spatial_dims", "channels", "labels", "preprocessing"):
+        if getattr(cached, key) != getattr(spec.preset, key):
+            raise ConfigError(f"{prepared.directory}: prepared with a different `{key}` than "
+                              f"datasets.{spec.dataset} now has; rerun `deconver prepare`")
+    return prepared

@@ -1,0 +1,226 @@
+"""Dry runs of the workflow on every config in config/ and the smoke config, and the checks that stop a
+run before any job: unknown keys, wrong types, missing data, unknown models. Fast (no job runs)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT, run_snakemake
+
+SMOKE = REPO_ROOT / ".test" / "config" / "config.yaml"
+
+
+def dry_run(workdir: Path, *args: str, check: bool = True):
+    """`snakemake -n` in `workdir` (results, logs and .snakemake stay there)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return run_snakemake("-n", "--cores", "2", "--directory", workdir, *args, check=check, timeout=300)
+
+
+def blocks_of(output: str) -> list[tuple[str, str]]:
+    """(rule, the job's text) for each job a dry run lists."""
+    out = []
+    for block in re.split(r"\n(?=\[[^\n]*\]\n(?:local)?rule \S+:\n)", output):
+        head = re.search(r"^(?:local)?rule (\S+):\n", block, re.M)
+        if head:
+            out.append((head.group(1), block))
+    return out
+
+
+def jobs_of(output: str) -> dict[str, list[dict[str, str]]]:
+    """rule -> the wildcards of each job that a dry run lists."""
+    jobs: dict[str, list[dict[str, str]]] = {}
+    for rule, block in blocks_of(output):
+        wc = re.search(r"^\s+wildcards: (.*)$", block, re.M)
+        fields = dict(kv.split("=", 1) for kv in wc.group(1).split(", ")) if wc else {}
+        jobs.setdefault(rule, []).append(fields)
+    return jobs
+
+
+def resources_of(output: str, rule: str) -> set[str]:
+    """The resources line(s) of a rule's jobs, as a set of `name=value`."""
+    res = set()
+    for r, block in blocks_of(output):
+        line = re.search(r"^\s+resources: (.*)$", block, re.M)
+        if r == rule and line:
+            res |= set(line.group(1).split(", "))
+    return res
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def smoke_dict() -> dict:
+    return yaml.safe_load(SMOKE.read_text())
+
+
+def registry_dims() -> dict[str, tuple[int, ...]]:
+    from deconver import registry
+
+    return {name: tuple(registry.model_info(name).dims) for name in registry.list_models()}
+
+
+# --------------------------------------------------------------------------- every shipped config
+def test_dry_run_embedded_default(tmp_path):
+    """`snakemake --cores all` on a fresh machine: the four synthetic datasets are written by the
+    workflow, every listed model that fits runs on one fold, and the DAG ends in the report."""
+    out = dry_run(tmp_path).stdout
+    jobs = jobs_of(out)
+    cfg = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    assert sorted(jobs) == sorted(["all", "report", "aggregate", "prepare", "split", "train", "predict",
+                                   "evaluate", "complexity"] + [f"synth_{d}" for d in cfg["datasets"]])
+    assert {j["dataset"] for j in jobs["prepare"]} == {"isles22", "brats23", "glas", "fives"}
+    trained = {(j["dataset"], j["model"]) for j in jobs["train"]}
+    dims = registry_dims()
+    for model in ("deconver", "unet", "dynunet", "segresnet", "unetr", "swin_unetr"):
+        assert {d for d, m in trained if m == model} == {"isles22", "brats23", "glas", "fives"}, model
+    for model in ("smp_unet", "smp_unetplusplus", "smp_deeplabv3plus"):
+        assert dims[model] == (2,)
+        assert {d for d, m in trained if m == model} == {"glas", "fives"}, model
+        assert f"{model} is left out of isles22" in out
+    assert {j["fold"] for j in jobs["train"]} == {"0"}
+    assert len(jobs["evaluate"]) == len(jobs["predict"]) == len(jobs["train"]) == len(jobs["complexity"])
+    # nothing but the resolved study file was written by the dry run
+    files = [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()]
+    assert [f for f in files if not f.startswith(".snakemake/")] == ["results/default/study.yaml"]
+
+
+def test_dry_run_paper(tmp_path):
+    """config/paper.yaml: four real datasets (here empty stand-in folders at its placeholder paths),
+    every baseline on the datasets whose dims it supports, 5 folds, the per-dataset Deconver variant."""
+    cfg = yaml.safe_load((REPO_ROOT / "config" / "paper.yaml").read_text())
+    for entry in cfg["datasets"].values():
+        (tmp_path / entry["root"]).mkdir(parents=True)
+    out = dry_run(tmp_path, "--configfile", REPO_ROOT / "config" / "paper.yaml").stdout
+    jobs = jobs_of(out)
+    assert not any(r.startswith("synth") for r in jobs)
+    dims = registry_dims()
+    expected = {(d, m, str(k)) for d, e in cfg["datasets"].items() for m in cfg["models"]
+                if (3 if d in ("isles22", "brats23") else 2) in dims[m] for k in range(5)}
+    assert {(j["dataset"], j["model"], j["fold"]) for j in jobs["train"]} == expected
+    assert len(expected) > 150
+    study = yaml.safe_load((tmp_path / "results" / "paper" / "study.yaml").read_text())
+    assert study["datasets"]["brats23"]["model_overrides"]["deconver"] == {"variant": "brats23"}
+
+
+def test_dry_run_paper_names_missing_data(tmp_path):
+    """Without the data, the paper study stops before any job, naming the key and the path."""
+    out = dry_run(tmp_path, "--configfile", REPO_ROOT / "config" / "paper.yaml", check=False)
+    assert out.returncode != 0
+    assert "datasets.isles22.root" in out.stdout and "data/ISLES-2022 does not exist" in out.stdout
+    assert "rule train" not in out.stdout
+
+
+def test_dry_run_hippocampus(tmp_path):
+    """config/hippocampus.yaml reads ../shared/data/Task04_Hippocampus relative to the workdir (here
+    an empty stand-in folder), and with `download: true` and no folder the DAG starts with the
+    download rule (a dry run: nothing is fetched)."""
+    work = tmp_path / "main"
+    (tmp_path / "shared" / "data" / "Task04_Hippocampus").mkdir(parents=True)
+    cfg = REPO_ROOT / "config" / "hippocampus.yaml"
+    jobs = jobs_of(dry_run(work, "--configfile", cfg).stdout)
+    assert {j["dataset"] for j in jobs["train"]} == {"hippocampus"}
+    assert {j["model"] for j in jobs["train"]} == set(yaml.safe_load(cfg.read_text())["models"])
+    assert not any(r.startswith("download") for r in jobs)
+
+    out = dry_run(work, "--configfile", cfg,
+                  "--config", "datasets={hippocampus: {root: data/Task04_Hippocampus, download: true}}").stdout
+    jobs = jobs_of(out)
+    assert "download_hippocampus" in jobs and "output: data/Task04_Hippocampus/dataset.json" in out
+    assert not (work / "data").exists()
+
+
+def test_dry_run_smoke_and_slurm_profile(tmp_path):
+    """The smoke config dry-runs, also through `--profile slurm` from the repository root: the GPU
+    steps ask for a GPU and every compute job has a runtime and memory; local rules stay local."""
+    out = run_snakemake("-n", "--profile", "slurm", "--configfile", SMOKE, "--directory", tmp_path,
+                        cwd=REPO_ROOT, timeout=300).stdout
+    assert "Using profile slurm" in out
+    train, predict = resources_of(out, "train"), resources_of(out, "predict")
+    assert {"gpu=1", "runtime=1440", "mem_mb=64000"} <= train and "gpu=1" in predict
+    assert "gpu=1" in resources_of(out, "complexity")
+    assert not any(r.startswith("gpu") for r in resources_of(out, "evaluate") | resources_of(out, "prepare"))
+    # locally (no profile) nothing asks for a GPU
+    local = dry_run(tmp_path / "local", "--configfile", SMOKE).stdout
+    assert resources_of(local, "train") and not any(r.startswith("gpu") for _, b in blocks_of(local)
+                                                     for r in re.findall(r"gpu=\d+", b))
+
+
+# --------------------------------------------------------------------------- stop before any job
+@pytest.mark.parametrize("mutate, key, message", [
+    (lambda c: c["datasets"]["glas"]["overrides"]["protocol"].update(epoks=3),
+     "datasets.glas.overrides.protocol.epoks", "Extra inputs are not permitted"),
+    (lambda c: c["trainer"].update(deterministic="false"), "trainer.deterministic", "valid boolean"),
+    (lambda c: c.update(colour="blue"), "colour", "Extra inputs are not permitted"),
+    (lambda c: c["datasets"]["isles22"].update(synthetic=False), "datasets.isles22.root", "does not exist"),
+])
+def test_bad_config_stops_before_any_job(tmp_path, mutate, key, message):
+    """An unknown key, a wrong type (the string "false" for a boolean) or missing data stop a real
+    (not dry) run at parse time, naming the key; no job runs, nothing is written."""
+    cfg = smoke_dict()
+    mutate(cfg)
+    path = write_config(tmp_path / "study.yaml", cfg)
+    work = tmp_path / "work"
+    work.mkdir()
+    out = run_snakemake("--cores", "1", "--configfile", path, "--directory", work, check=False, timeout=300)
+    assert out.returncode != 0
+    assert key in out.stdout and message in out.stdout, out.stdout[-3000:]
+    assert "study.yaml" in out.stdout  # the config file is named
+    assert not (work / "results").exists() and not (work / "data").exists()
+
+
+def test_unknown_model_is_named(tmp_path):
+    cfg = smoke_dict()
+    cfg["models"] = ["deconver", "unett"]
+    out = dry_run(tmp_path, "--configfile", write_config(tmp_path / "s.yaml", cfg), check=False)
+    assert out.returncode != 0
+    assert "unknown model 'unett'" in out.stdout and "did you mean 'unet'" in out.stdout
+
+
+def test_command_line_overrides_are_typed(tmp_path):
+    """`--config` overrides are read as YAML (nested values keep their types), validated like the
+    file, and land in the resolved study file every step reads."""
+    over = ("study=smoke-over", "folds=[0, 2]",
+            "datasets={glas: {overrides: {protocol: {epochs: 3, lr: 2.0e-3}}}}", "trainer={deterministic: false}")
+    jobs = jobs_of(dry_run(tmp_path, "--configfile", SMOKE, "--config", *over).stdout)
+    assert {j["fold"] for j in jobs["train"]} == {"0", "2"}
+    resolved = yaml.safe_load((tmp_path / "results" / "smoke-over" / "study.yaml").read_text())
+    assert resolved["datasets"]["glas"]["overrides"]["protocol"]["epochs"] == 3
+    assert resolved["datasets"]["glas"]["overrides"]["protocol"]["lr"] == 2.0e-3
+    assert resolved["datasets"]["glas"]["overrides"]["protocol"]["roi_size"] == [64, 64]  # merged, not replaced
+    assert resolved["trainer"]["deterministic"] is False
+    from deconver.config import load_study
+
+    assert load_study(tmp_path / "results" / "smoke-over" / "study.yaml").folds == [0, 2]
+
+    bad = dry_run(tmp_path, "--configfile", SMOKE, "--config", "trainer={devices: two}", check=False)
+    assert bad.returncode != 0 and "trainer.devices" in bad.stdout
+
+
+def test_models_all_filters_by_dims(tmp_path):
+    """`models: all` runs every registered model on the datasets it fits and says which it leaves out."""
+    out = dry_run(tmp_path, "--configfile", SMOKE, "--config", "models=all",
+                  "datasets={isles22: {overrides: {protocol: {roi_size: [64, 32, 32]}}}}").stdout
+    trained = {(j["dataset"], j["model"]) for j in jobs_of(out)["train"]}
+    dims = registry_dims()
+    assert {m for d, m in trained if d == "isles22"} == {m for m, d in dims.items() if 3 in d}
+    assert "smp_unet is left out of isles22" in out
+
+
+def test_schema_file_is_current():
+    """workflow/schemas/study.schema.json is regenerated from deconver.config.Study."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_schema", REPO_ROOT / "workflow" / "scripts" / "make_schema.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert json.loads((REPO_ROOT / "workflow" / "schemas" / "study.schema.json").read_text()) == \
+        json.loads(module.schema_text()), "run: python workflow/scripts/make_schema.py"

@@ -1,0 +1,260 @@
+"""Helpers of the workflow: the validated study, its paths, its model lists and the rules' resources.
+
+Everything a rule needs is computed here from one validated study (`deconver.config.load_study`), and
+every path comes from `deconver.paths.StudyPaths`, so the rules and the `deconver` CLI can never
+disagree. Paths are relative to the working directory (the repository root, or `--directory`).
+"""
+
+import copy
+import functools
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import yaml
+from snakemake.exceptions import WorkflowError
+
+from deconver.config import ConfigError, deep_merge, load_study
+from deconver.io import write_text_atomic
+from deconver.paths import StudyPaths
+
+
+# --------------------------------------------------------------------------- the study config
+def _config_name() -> str:
+    """The config file(s) this run reads, for messages (the default one, or those of --configfile)."""
+    names = [str(Path(f).relative_to(Path.cwd())) if Path(f).is_relative_to(Path.cwd()) else str(f)
+             for f in workflow.configfiles]
+    name = ", ".join(names) or "config"
+    return name + (" + --config" if workflow.config_settings.config_args else "")
+
+
+def _typed_overrides() -> dict:
+    """`--config key=value` overrides parsed as YAML, so nested values keep their types.
+
+    Snakemake itself parses nested values as strings (`--config 'trainer={devices: 1}'` gives "1"),
+    which the strict schema would reject; re-reading the raw arguments with YAML gives 1.
+    """
+    out: dict = {}
+    for arg in workflow.config_settings.config_args or []:
+        key, _, value = str(arg).partition("=")
+        out = deep_merge(out, {key: yaml.safe_load(value) if value != "" else None})
+    return out
+
+
+def _load_study():
+    """The resolved study mapping and its validated `Study`; a bad key stops here, before any job."""
+    data = deep_merge(copy.deepcopy(dict(config)), _typed_overrides())
+    try:
+        study = load_study(data)
+    except ConfigError as err:
+        msg = str(err).replace("invalid configuration in config:", f"invalid configuration in {CONFIG_NAME}:", 1)
+        msg = msg.replace("\n  config: ", "\n  ")
+        raise WorkflowError(msg if CONFIG_NAME in msg else f"{CONFIG_NAME}: {msg}") from None
+    return data, study
+
+
+CONFIG_NAME = _config_name()
+STUDY_DICT, STUDY = _load_study()
+PATHS = StudyPaths.of(STUDY)
+RESULTS = PATHS.results
+LOGS = RESULTS / "logs"
+DATASETS = list(STUDY.datasets)
+PRESETS = {name: STUDY.preset(name) for name in DATASETS}
+FOLDS = list(STUDY.folds)
+SYNTH_MARKER = "SYNTHETIC.txt"  # written last by `deconver synth` into a synthetic dataset's root
+# The resolved study (config file(s) + --config overrides) that every `deconver` step reads.
+STUDY_FILE = RESULTS / "study.yaml"
+
+
+def _write_study_file() -> None:
+    """Write STUDY_FILE atomically, and only when its content changed (so reruns touch nothing)."""
+    text = (f"# Resolved study config, written by the workflow from {CONFIG_NAME}.\n"
+            "# Every `deconver` step of this study reads this file; edit the source config, not this one.\n"
+            + yaml.safe_dump(STUDY_DICT, sort_keys=False))
+    if not STUDY_FILE.is_file() or STUDY_FILE.read_text() != text:
+        write_text_atomic(STUDY_FILE, text)
+
+
+# --------------------------------------------------------------------------- dataset roots
+def _check_roots() -> None:
+    """Real data must be where the config says; synthetic and downloaded data are written by rules."""
+    synthetic_roots: dict[str, str] = {}
+    for name, entry in STUDY.datasets.items():
+        root = Path(entry.root)
+        key = f"datasets.{name}"
+        if entry.synthetic and entry.download:
+            raise WorkflowError(f"{CONFIG_NAME}: {key}: `synthetic` and `download` exclude each other")
+        if entry.synthetic:
+            other = synthetic_roots.setdefault(str(root), name)
+            if other != name:
+                raise WorkflowError(f"{CONFIG_NAME}: {key}.root: {root} is also the root of {other}; "
+                                    "synthetic datasets need a root each")
+        elif entry.download:
+            if PRESETS[name].reader != "msd":
+                raise WorkflowError(f"{CONFIG_NAME}: {key}.download: only Medical Segmentation Decathlon tasks "
+                                    f"(reader msd) can be downloaded; preset {entry.preset!r} reads {PRESETS[name].reader!r}")
+            if not re.fullmatch(r"Task\d\d_\w+", root.name):
+                raise WorkflowError(f"{CONFIG_NAME}: {key}.root: with download: true the folder name must be the "
+                                    f"Decathlon task (e.g. .../Task04_Hippocampus), got {root.name!r}")
+        elif not root.exists():
+            raise WorkflowError(
+                f"{CONFIG_NAME}: {key}.root: the dataset folder {root} does not exist"
+                + (f" (resolved: {root.resolve()})" if not root.is_absolute() else "")
+                + f". Set datasets.{name}.root to your copy of the data in the config file, or on the "
+                f"command line: --config 'datasets={{{name}: {{root: /path/to/data}}}}'.")
+
+
+_check_roots()
+_write_study_file()
+
+
+def dataset_input(wildcards) -> list[str]:
+    """What `prepare` waits for: the synthetic stand-in or the download, nothing for real data."""
+    entry = STUDY.datasets[wildcards.dataset]
+    if entry.synthetic:
+        return [str(Path(entry.root) / SYNTH_MARKER)]
+    if entry.download:
+        return [str(Path(entry.root) / "dataset.json")]
+    return []
+
+
+def _alternatives(values) -> str:
+    """A regex matching exactly one of `values` (a never-matching one when there are none)."""
+    return "|".join(re.escape(v) for v in sorted(values)) or "(?!x)x"
+
+
+# --------------------------------------------------------------------------- models
+def _note(msg: str) -> None:
+    print(f"deconver workflow: {msg}", file=sys.stderr)
+
+
+@functools.cache
+def _registry():
+    """The model registry with models/ and the study's model_dirs discovered (None before it exists)."""
+    try:
+        registry = importlib.import_module("deconver.registry")
+    except ModuleNotFoundError as err:
+        if err.name == "deconver.registry":
+            _note("deconver.registry is not available: model names are not checked")
+            return None
+        raise
+    try:
+        registry.discover(STUDY.model_dirs)
+    except ValueError as err:  # a model_dirs folder that does not exist
+        raise WorkflowError(f"{CONFIG_NAME}: model_dirs: {err}") from None
+    return registry
+
+
+def _fit_note(registry, model: str, dataset: str) -> str | None:
+    """Why `model` does not fit `dataset` (dims, roi or kwargs), or None when it does."""
+    preset = PRESETS[dataset]
+    try:
+        registry.check_model(model, preset.spatial_dims, tuple(preset.protocol.roi_size),
+                             STUDY.model_kwargs(dataset, model), dataset=preset.name)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@functools.cache
+def study_models() -> dict[str, tuple[str, ...]]:
+    """dataset -> the models run on it: the study's list (or every registered model for `models: all`)
+    minus those whose dims or roi constraints the dataset cannot meet (left out with a printed note)."""
+    registry = _registry()
+    if STUDY.models == "all":
+        if registry is None:
+            raise WorkflowError(f"{CONFIG_NAME}: models: all needs the model registry (deconver.registry)")
+        names = list(registry.list_models())
+    else:
+        names = list(dict.fromkeys(STUDY.models))
+        if registry is not None:
+            for name in names:
+                try:
+                    registry.model_info(name)
+                except KeyError as err:
+                    raise WorkflowError(f"{CONFIG_NAME}: models: {err.args[0] if err.args else err}") from None
+    out = {}
+    for dataset in DATASETS:
+        kept = []
+        for name in names:
+            why = _fit_note(registry, name, dataset) if registry is not None else None
+            if why is None:
+                kept.append(name)
+            else:
+                _note(f"{name} is left out of {dataset}: {why}")
+        if not kept:
+            raise WorkflowError(f"{CONFIG_NAME}: no model of {names} fits dataset {dataset!r}")
+        out[dataset] = tuple(kept)
+    if STUDY.models != "all":
+        unused = [n for n in names if not any(n in kept for kept in out.values())]
+        if unused:
+            raise WorkflowError(f"{CONFIG_NAME}: models: {unused} fit none of the datasets {DATASETS}")
+    return out
+
+
+def pairs() -> list[tuple[str, str]]:
+    """Every (dataset, model) of the study."""
+    return [(d, m) for d, models in study_models().items() for m in models]
+
+
+# --------------------------------------------------------------------------- targets
+def evaluation_files(wildcards=None) -> list[str]:
+    return [str(PATHS.evaluation(d, m, k)) for d, m in pairs() for k in FOLDS]
+
+
+def complexity_files(wildcards=None) -> list[str]:
+    if not STUDY.complexity.activate:
+        return []
+    return [str(PATHS.complexity(d, m)) for d, m in pairs()]
+
+
+AGGREGATE = PATHS.aggregate() / "aggregate.json"  # written last by `deconver aggregate`
+REPORT = PATHS.reports / "report.html"  # written last by `deconver report`
+
+
+def final_targets(wildcards=None) -> list[str]:
+    return [str(REPORT)]
+
+
+# --------------------------------------------------------------------------- resources
+def local_threads(wanted: int) -> int:
+    """Threads of a compute job: `wanted`, but leave room for two jobs at once on a small machine.
+
+    On a cluster the profile's `set-threads` replaces this (threads become `--cpus-per-task`).
+    """
+    return max(1, min(wanted, (workflow.cores or 1) // 2))
+
+
+# Per-step requests (runtime in minutes, memory in MB). Local runs ignore them; with
+# `--profile slurm` they become sbatch's -t / --mem, and the profile's set-resources adapt them
+# (and add the GPUs). Sized for the paper's datasets on a GPU node.
+RESOURCES = {
+    "prepare": dict(runtime=240, mem_mb=16000),
+    "train": dict(runtime=1440, mem_mb=32000),
+    "predict": dict(runtime=240, mem_mb=32000),
+    "evaluate": dict(runtime=240, mem_mb=16000),
+    "complexity": dict(runtime=60, mem_mb=16000),
+}
+
+
+def cli(step: str, *, model: bool = False, fold: bool = False) -> str:
+    """The `deconver <step>` command line of a rule (wildcards are filled in by Snakemake)."""
+    cmd = f"deconver {step} --config {{params.study}} --dataset {{wildcards.dataset}}"
+    if model:
+        cmd += " --model {wildcards.model}"
+    if fold:
+        cmd += " --fold {wildcards.fold}"
+    return cmd
+
+
+def logfile(rule: str, *parts: str) -> str:
+    """The log file of a job: <results>/<study>/logs/<rule>/<dataset>[/<model>[/fold<k>]].log."""
+    *folders, name = parts
+    return str(LOGS.joinpath(rule, *folders, f"{name}.log"))
+
+
+# Resolve the model lists now in the main process, so an unknown or unfitting model stops the run
+# before any job with a plain message (cluster jobs re-read this file and skip it).
+if not workflow.remote_exec:
+    study_models()

@@ -1,0 +1,45 @@
+# Training and prediction: one run per (dataset, model, fold).
+
+
+rule train:
+    """Train one run (`deconver train`). `final.ckpt` is written last; a resubmitted job resumes from
+    `checkpoints/last.ckpt` (not an output, so Snakemake never deletes it)."""
+    priority: 20
+    input:
+        manifest=str(PATHS.manifest("{dataset}")),
+        split=str(PATHS.split("{dataset}")),
+    output:
+        str(PATHS.final_checkpoint("{dataset}", "{model}", "{fold}")),
+    log:
+        logfile("train", "{dataset}", "{model}", "fold{fold}"),
+    params:
+        study=str(STUDY_FILE),
+    threads: local_threads(8)
+    resources:
+        cpus_per_task=lambda wildcards, threads: threads,
+        **RESOURCES["train"],
+    shell:
+        # append: the log of a resumed run keeps the earlier attempts
+        "(echo \"== $(date -Is) train {wildcards.dataset} {wildcards.model} fold {wildcards.fold}\"; "
+        + cli("train", model=True, fold=True)
+        + ") >> {log} 2>&1"
+
+
+rule predict:
+    """Predict the fold's validation cases in the native grid (`deconver predict`)."""
+    priority: 10
+    input:
+        ckpt=str(PATHS.final_checkpoint("{dataset}", "{model}", "{fold}")),
+        split=str(PATHS.split("{dataset}")),
+    output:
+        directory(str(PATHS.predictions("{dataset}", "{model}", "{fold}"))),
+    log:
+        logfile("predict", "{dataset}", "{model}", "fold{fold}"),
+    params:
+        study=str(STUDY_FILE),
+    threads: local_threads(4)
+    resources:
+        cpus_per_task=lambda wildcards, threads: threads,
+        **RESOURCES["predict"],
+    shell:
+        cli("predict", model=True, fold=True) + " > {log} 2>&1"
