@@ -126,6 +126,14 @@ def _is_channels_last(t: Tensor) -> bool:
     return d in _CHANNELS_LAST and t.is_contiguous(memory_format=_CHANNELS_LAST[d]) and not t.is_contiguous()
 
 
+def _is_fake(t: Tensor) -> bool:
+    """Shape-only tensors (FLOP counting under FakeTensorMode) take the plain path: a FLOP count
+    measures the algorithm, not the halo rows the CPU slab workaround recomputes."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
 def _k_op(s: Tensor, h: Tensor, groups: int) -> Tensor:
     """``K(s)`` for the lean path: as :func:`ndc_forward_op`, except for a depth-wise filter with
     several source channels on a channels-last CPU tensor, where oneDNN's grouped kernel pads the
@@ -136,7 +144,7 @@ def _k_op(s: Tensor, h: Tensor, groups: int) -> Tensor:
     order.
     """
     c, sc, *ks = h.shape
-    if c != groups or sc == 1 or s.device.type != "cpu" or not _is_channels_last(s):
+    if c != groups or sc == 1 or s.device.type != "cpu" or not _is_channels_last(s) or _is_fake(s):
         return ndc_forward_op(s, h, groups)
     b, _, n, *rest = s.shape
     d = len(ks)
