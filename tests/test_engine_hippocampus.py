@@ -3,8 +3,9 @@
 validation Dice >= 0.85 within 10 minutes on a 2-core CPU, prepare and split included (a plain hand-written
 loop reaches about 0.86 in 5 minutes; nnU-Net reports about 0.89 after full training).
 
-The study shortens the paper's schedule (lr 1e-4 for 500 epochs) to a few hundred steps at a higher
-learning rate; everything else (loss, augmentation, crops, sliding-window validation) is the preset's.
+The study shortens the paper's schedule (lr 1e-4 for 500 epochs) to 900 steps of batch 8 at lr 2e-3;
+everything else (loss, augmentation, crops, sliding-window validation) is the preset's. Measured here:
+0.859 after 300 steps, 0.864 after 600 (2 min of training on an idle 2-core CPU, about 0.21 s per step).
 The predictions of the validation cases are then written in the native grid and scored there against
 the native ground truth: the Dice must agree with the engine's own validation Dice.
 """
@@ -33,7 +34,7 @@ STUDY = {
     "model_overrides": {"unet": {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1}},
     "trainer": {"accelerator": "cpu"},
     "datasets": {"hippocampus": {"preset": "hippocampus", "root": str(HIPPOCAMPUS), "overrides": {"protocol": {
-        "lr": 0.002, "warmup_epochs": 1, "epochs": 20, "steps_per_epoch": 30, "val_every": 20,
+        "lr": 0.002, "warmup_epochs": 1, "epochs": 30, "steps_per_epoch": 30, "val_every": 30,
         "batch_size": 8, "num_workers": 1}}}},
 }
 
@@ -56,7 +57,7 @@ def test_small_unet_learns_real_hippocampus(tmp_path, capfd):
     with open(final.parent / "train_log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     last = rows[-1]
-    assert int(last["step"]) == 600
+    assert int(last["step"]) == 900
     dice = {k: float(last[f"val_dice_{k}"]) for k in ("anterior", "posterior")}
     assert float(last["val_dice"]) >= 0.85, f"validation Dice {last['val_dice']} {dice} after {len(rows)} epochs"
 

@@ -320,6 +320,10 @@ def test_mid_epoch_hpc_checkpoint_resume_is_bitwise_identical(synthetic, isles_r
     with pytest.raises(_Preempted):
         train(study, "isles22", "unet", 0, progress=False, callbacks=[_PreemptMidEpoch()])
     assert (run / "hpc_ckpt_1.ckpt").is_file() and not (run / "final.ckpt").exists()
+    changed = copy.deepcopy(study)
+    changed["datasets"]["isles22"]["overrides"]["protocol"]["lr"] = 0.001
+    with pytest.raises(ConfigError, match="different configuration"):  # never resume another configuration
+        train(changed, "isles22", "unet", 0, progress=False)
     capfd.readouterr()
     train(study, "isles22", "unet", 0, progress=False)
     assert "from hpc_ckpt_1.ckpt" in capfd.readouterr().err

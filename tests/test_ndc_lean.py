@@ -144,11 +144,17 @@ def test_lean_computes_channels_last_on_cpu(dims):
     assert _rel(y, layer(x)) <= 1e-6
 
 
-@pytest.mark.parametrize("dims,size,sc,kernel", [(3, (13, 6, 5), 4, 3), (3, (2, 4, 4), 3, 5), (2, (9, 7), 2, 3), (2, (1, 5), 4, 3)])
-def test_depthwise_k_by_slabs_matches_grouped_convolution(dims, size, sc, kernel):
+@pytest.mark.parametrize("slabs", [True, False])
+@pytest.mark.parametrize(
+    "dims,size,sc,kernel", [(3, (20, 6, 5), 4, 3), (3, (17, 4, 4), 3, 5), (3, (2, 4, 4), 3, 5), (2, (9, 7), 2, 3)]
+)
+def test_depthwise_k_by_slabs_matches_grouped_convolution(dims, size, sc, kernel, slabs, monkeypatch):
     """The CPU channels-last K (depth-wise convolution + sum, in slabs) equals the grouped one."""
     from deconver.nn.ndc import _k_op, ndc_forward_op
 
+    import deconver.nn.ndc as ndc
+
+    monkeypatch.setattr(ndc, "_SLAB_BYTES", 0 if slabs else 2**40)
     torch.manual_seed(10)
     fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
     s = torch.rand(2, 6 * sc, *size, dtype=torch.float64).contiguous(memory_format=fmt)

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, run_snakemake
-
-SMOKE = REPO_ROOT / ".test" / "config" / "config.yaml"
+from conftest import REPO_ROOT, SMOKE_CONFIG as SMOKE, run_snakemake, smoke_config
 
 
 def dry_run(workdir: Path, *args: str, check: bool = True):
@@ -56,10 +52,6 @@ def write_config(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def smoke_dict() -> dict:
-    return yaml.safe_load(SMOKE.read_text())
 
 
 def registry_dims() -> dict[str, tuple[int, ...]]:
@@ -165,7 +157,7 @@ def test_dry_run_smoke_and_slurm_profile(tmp_path):
 def test_bad_config_stops_before_any_job(tmp_path, mutate, key, message):
     """An unknown key, a wrong type (the string "false" for a boolean) or missing data stop a real
     (not dry) run at parse time, naming the key; no job runs, nothing is written."""
-    cfg = smoke_dict()
+    cfg = smoke_config()
     mutate(cfg)
     path = write_config(tmp_path / "study.yaml", cfg)
     work = tmp_path / "work"
@@ -178,7 +170,7 @@ def test_bad_config_stops_before_any_job(tmp_path, mutate, key, message):
 
 
 def test_unknown_model_is_named(tmp_path):
-    cfg = smoke_dict()
+    cfg = smoke_config()
     cfg["models"] = ["deconver", "unett"]
     out = dry_run(tmp_path, "--configfile", write_config(tmp_path / "s.yaml", cfg), check=False)
     assert out.returncode != 0
@@ -208,7 +200,7 @@ def test_command_line_overrides_are_typed(tmp_path):
 def test_models_all_filters_by_dims(tmp_path):
     """`models: all` runs every registered model on the datasets it fits and says which it leaves out."""
     out = dry_run(tmp_path, "--configfile", SMOKE, "--config", "models=all",
-                  "datasets={isles22: {overrides: {protocol: {roi_size: [64, 32, 32]}}}}").stdout
+                  "datasets={isles22: {overrides: {protocol: {roi_size: [32, 64, 32]}}}}").stdout
     trained = {(j["dataset"], j["model"]) for j in jobs_of(out)["train"]}
     dims = registry_dims()
     assert {m for d, m in trained if d == "isles22"} == {m for m, d in dims.items() if 3 in d}

@@ -1,11 +1,11 @@
 """The smoke study (.test/config/config.yaml: the embedded-default study on a tiny budget) end to end
-through Snakemake on this machine, and a dropped-in model file joining it by name."""
+through Snakemake on this machine, a dropped-in model file joining it by name, and a failing job
+reported with its log."""
 from __future__ import annotations
 
 import re
 import shutil
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -65,6 +65,7 @@ IMPLEMENTATIONS = ("lean", "reference")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_MODULE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+_SLAB_BYTES = 32 * 2**20  # source tensors from this size on are convolved in slabs (see _k_op)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,9 +140,9 @@ def _k_op(s: Tensor, h: Tensor, groups: int) -> Tensor:
     several source channels on a channels-last CPU tensor, where oneDNN's grouped kernel pads the
     ``sc -> 1`` channels of every group to 16 and is slow. There it is a plain depth-wise convolution
     of the ``G * sc`` source channels (oneDNN's fast depth-wise kernel) summed over each group's
-    ``sc`` outputs, computed in ``2 * sc`` slabs along the first spatial axis (halo ``k // 2``) so
-    that the un-summed temporary stays about half the size of ``K(s)``. Same result up to summation
-    order.
+    ``sc`` outputs. Source tensors of 32 MiB or more are done in up to ``2 * sc`` slabs (of at least
+    8 rows) along the first spatial axis (halo ``k // 2``), so that the un-summed temporary stays
+    about half the size of ``K(s)``. Same result up to summation order.
     """
     c, sc, *ks = h.shape
     if c != groups or sc == 1 or s.device.type != "cpu" or not _is_channels_last(s) or _is_fake(s):
@@ -152,7 +153,9 @@ def _k_op(s: Tensor, h: Tensor, groups: int) -> Tensor:
     pad = _padding(h)
     out = torch.empty((b, c, n, *rest), dtype=s.dtype, device=s.device, memory_format=_CHANNELS_LAST[d])
     out_last = out.permute(0, *range(2, d + 2), 1)  # (B, *S, C) view of out's memory
-    step = -(-n // (2 * sc))
+    # slabs only pay off for large tensors (halo rows are computed twice): at least 8 rows each
+    slabs = 1 if s.numel() * s.element_size() < _SLAB_BYTES else max(1, min(2 * sc, n // 8))
+    step = -(-n // slabs)
     for lo_out in range(0, n, step):
         hi_out = min(n, lo_out + step)
         lo, hi = max(0, lo_out - pad[0]), min(n, hi_out + pad[0])
