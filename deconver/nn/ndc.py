@@ -98,9 +98,12 @@ def project_channels_last(x: Tensor, weight: Tensor, bias: Tensor | None = None)
     b, c = x.shape[:2]
     w2 = weight.flatten(1)  # (O, C)
     xt = x.reshape(b, c, -1).transpose(1, 2)  # (B, S, C), a view: BLAS reads it transposed
-    out = torch.bmm(xt, w2.t().unsqueeze(0).expand(b, c, w2.shape[0]))
-    if bias is not None:
-        out = out.add_(bias)
+    if b == 1:  # one GEMM (a batched one would also give a per-sample weight gradient)
+        out = F.linear(xt[0], w2, bias).unsqueeze(0)
+    else:
+        out = torch.bmm(xt, w2.t().unsqueeze(0).expand(b, c, w2.shape[0]))
+        if bias is not None:
+            out = out.add_(bias)
     return out.view(b, *x.shape[2:], w2.shape[0]).permute(0, d + 1, *range(1, d + 1))
 
 
@@ -153,16 +156,21 @@ def _k_op(s: Tensor, h: Tensor, groups: int) -> Tensor:
     pad = _padding(h)
     out = torch.empty((b, c, n, *rest), dtype=s.dtype, device=s.device, memory_format=_CHANNELS_LAST[d])
     out_last = out.permute(0, *range(2, d + 2), 1)  # (B, *S, C) view of out's memory
-    # slabs only pay off for large tensors (halo rows are computed twice): at least 8 rows each
-    slabs = 1 if s.numel() * s.element_size() < _SLAB_BYTES else max(1, min(2 * sc, n // 8))
+    # slabs only pay off for large samples (halo rows are computed twice): at least 8 rows each;
+    # with slabs, one sample at a time, so that every slab is a dense channels-last block
+    per_sample = s[0].numel() * s.element_size()
+    slabs = 1 if per_sample < _SLAB_BYTES else max(1, min(2 * sc, n // 8))
     step = -(-n // slabs)
-    for lo_out in range(0, n, step):
-        hi_out = min(n, lo_out + step)
-        lo, hi = max(0, lo_out - pad[0]), min(n, hi_out + pad[0])
-        # zero padding on every side; rows next to an inner slab boundary are wrong and dropped
-        y = _CONV[d](s.narrow(2, lo, hi - lo), weight, padding=pad, groups=c * sc)
-        y = y.narrow(2, lo_out - lo, hi_out - lo_out).permute(0, *range(2, d + 2), 1)  # (B, *S', C*sc)
-        torch.sum(y.unflatten(-1, (c, sc)), dim=-1, out=out_last.narrow(1, lo_out, hi_out - lo_out))
+    for i in range(b) if slabs > 1 else [None]:
+        src = s if i is None else s.narrow(0, i, 1)
+        dst = out_last if i is None else out_last.narrow(0, i, 1)
+        for lo_out in range(0, n, step):
+            hi_out = min(n, lo_out + step)
+            lo, hi = max(0, lo_out - pad[0]), min(n, hi_out + pad[0])
+            # zero padding on every side; rows next to an inner slab boundary are wrong and dropped
+            y = _CONV[d](src.narrow(2, lo, hi - lo), weight, padding=pad, groups=c * sc)
+            y = y.narrow(2, lo_out - lo, hi_out - lo_out).permute(0, *range(2, d + 2), 1)  # (b, *S', C*sc)
+            torch.sum(y.unflatten(-1, (c, sc)), dim=-1, out=dst.narrow(1, lo_out, hi_out - lo_out))
     return out
 
 
