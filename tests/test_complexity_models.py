@@ -162,3 +162,15 @@ def test_cli_table_and_errors(capsys, tmp_path):
     assert "no_such_model" in capsys.readouterr().err
     assert main(["complexity", "--dataset", "no_such_preset", "--model", "unet", "--no-runtime"]) == 2
     assert "no_such_preset" in capsys.readouterr().err
+
+
+def test_train_step_timed_at_the_models_min_batch(capsys):
+    """A model that cannot train at batch 1 (BatchNorm on DeepLabV3+'s 1 x 1 pooled map) is timed at its
+    registered min_batch instead of failing the complexity step (it failed the default study before)."""
+    rc = main(["complexity", "--dataset", "glas", "--model", "smp_deeplabv3plus", "--roi", "64", "64",
+               "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json"])
+    assert rc == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["runtime"]["train_batch"] == 2 and record["runtime"]["batch"] == 1
+    assert record["latency_ms"]["train_step"] > 0 and record["peak_memory_mb"]["train_step"] > 0
+    assert not [f for f in record["flags"] if f.startswith("runtime")]

@@ -9,7 +9,8 @@ Three forms::
     deconver complexity --dataset PRESET --all-models [--pattern GLOB] [--json | --csv FILE.csv]
         -> one row per registered model that fits the preset
 
-The roi defaults to the preset's (the study's, in study mode) and the batch is 1. Conventions:
+The roi defaults to the preset's (the study's, in study mode); FLOPs and the forward latency are
+at batch 1, the training step at the model's ``min_batch`` (1 for most). Conventions:
 docs/complexity.md. A flagged model (counters disagree, an operator could not be counted, a runtime
 step failed) is reported in the record's ``flags`` and printed; exit status 0 (1 with ``--strict``),
 2 on an invalid request.
@@ -102,11 +103,12 @@ def measure_model(name: str, preset, *, roi: list[int] | None = None, kwargs: di
     kwargs = dict(kwargs or {})
     torch.manual_seed(0)
     model = _build(registry, name, preset, roi, kwargs)
+    train_batch = registry.model_info(name).min_batch  # BatchNorm on a 1 x 1 map cannot train at batch 1
     record = {"model": name, "dataset": preset.name, "model_kwargs": kwargs,
               "out_channels": preset.out_channels, "spatial_dims": preset.spatial_dims}
     record.update(measure(model, in_channels=preset.in_channels, roi=roi, device=device, runtime=runtime,
-                          runtime_roi=runtime_roi, repeats=repeats, warmup=warmup, train_step=train_step, grad=grad,
-                          progress=progress))
+                          runtime_roi=runtime_roi, repeats=repeats, warmup=warmup, train_step=train_step,
+                          train_batch=train_batch, grad=grad, progress=progress))
     return record
 
 
@@ -127,6 +129,7 @@ def _summary(record: dict[str, Any]) -> str:
 
         rt = record["runtime"]
         lines.append(f"  latency           forward {fmt(lat['forward'], 'ms')}, train step {fmt(lat['train_step'], 'ms')} "
+                     f"(batch {rt['train_batch']}) "
                      f"(median of {rt['repeats']} after {rt['warmup']} warm-up, roi {'x'.join(map(str, rt['roi']))})")
         lines.append(f"  peak memory       forward {fmt(mem['forward'], 'MB')}, train step {fmt(mem['train_step'], 'MB')} "
                      f"({mem['method']})")

@@ -48,12 +48,13 @@ def _per_voxel_k(value: float | None, voxels: int) -> float | None:
 
 def measure(model: nn.Module, *, in_channels: int, roi: Sequence[int], device: str | None = "auto", runtime: bool = True,
             runtime_roi: Sequence[int] | None = None, repeats: int = 5, warmup: int = 2, train_step: bool = True,
-            grad: bool = False, progress: bool = False) -> dict[str, Any]:
+            train_batch: int = 1, grad: bool = False, progress: bool = False) -> dict[str, Any]:
     """Measure ``model`` on a batch-1 input ``(1, in_channels, *roi)``; returns the record (a dict).
 
     FLOPs are counted at ``roi``: flop_counter and the paper's convention on fake tensors (shapes only),
     fvcore by a real traced forward pass on ``device``. Latency and memory are measured on ``device``
-    at ``runtime_roi`` (default ``roi``) unless ``runtime=False``.
+    at ``runtime_roi`` (default ``roi``) unless ``runtime=False``: the forward pass at batch 1, the
+    training step at batch ``train_batch`` (a model's registered ``min_batch``).
     """
     dev = resolve_device(device)
     roi = [int(r) for r in roi]
@@ -107,7 +108,7 @@ def measure(model: nn.Module, *, in_channels: int, roi: Sequence[int], device: s
     if runtime:
         rroi = [int(r) for r in (runtime_roi or roi)]
         rt = measure_runtime(model, (1, int(in_channels), *rroi), device=dev, repeats=repeats, warmup=warmup,
-                             train_step=train_step, progress=progress)
+                             train_step=train_step, train_batch=train_batch, progress=progress)
         record["runtime"] = rt.as_dict()
         record["latency_ms"] = {"forward": rt.forward_ms, "train_step": rt.train_step_ms}
         record["peak_memory_mb"] = {"forward": rt.forward_peak_mb, "train_step": rt.train_step_peak_mb,

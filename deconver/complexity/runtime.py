@@ -114,6 +114,7 @@ class RuntimeResult:
     device_name: str
     roi: list[int]
     batch: int
+    train_batch: int
     repeats: int
     warmup: int
     forward_ms: float | None = None
@@ -162,20 +163,23 @@ def _peak(fn: Callable[[], Any], device: torch.device, state: Callable[[], list[
 
 
 def measure_runtime(model: nn.Module, input_shape: Sequence[int], *, device: str | torch.device = "cpu", repeats: int = 5,
-                    warmup: int = 2, train_step: bool = True, lr: float = 1e-4, weight_decay: float = 1e-5,
-                    progress: bool = False) -> RuntimeResult:
+                    warmup: int = 2, train_step: bool = True, train_batch: int | None = None, lr: float = 1e-4,
+                    weight_decay: float = 1e-5, progress: bool = False) -> RuntimeResult:
     """Latency (median of ``repeats`` after ``warmup``) and peak memory of forward and training step.
 
-    The model is moved to ``device`` (and left there). A step that fails (out of memory...) is
-    recorded in ``errors`` and its numbers stay None.
+    The forward pass runs at ``input_shape``; the training step at batch ``train_batch`` (default: the
+    batch of ``input_shape``; a model whose BatchNorm sees a 1 x 1 map needs 2). The model is moved to
+    ``device`` (and left there). A step that fails (out of memory, a batch too small...) is recorded in
+    ``errors`` and its numbers stay None.
     """
     from deconver.io import device_name
 
     dev = resolve_device(str(device))
     model.to(dev)
     x = torch.randn(tuple(input_shape), device=dev)
+    train_batch = int(train_batch or input_shape[0])
     result = RuntimeResult(device=str(dev), device_name=device_name(str(dev)), roi=list(input_shape[2:]),
-                           batch=int(input_shape[0]), repeats=repeats, warmup=warmup,
+                           batch=int(input_shape[0]), train_batch=train_batch, repeats=repeats, warmup=warmup,
                            memory_method=("torch.cuda.max_memory_allocated" if dev.type == "cuda"
                                           else "TensorMemoryTracker (live tensor storages, CPU)"),
                            threads=torch.get_num_threads() if dev.type == "cpu" else None)
@@ -196,17 +200,18 @@ def measure_runtime(model: nn.Module, input_shape: Sequence[int], *, device: str
             result.forward_all_ms = _timed(forward, dev, repeats, warmup, bar)
             result.forward_ms = statistics.median(result.forward_all_ms)
             result.forward_peak_mb = _peak(forward, dev, lambda: _state_tensors(model, [x]))
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:
             result.errors.append(f"forward: {err}".splitlines()[0])
         if train_step:
             model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if params else None
+            xt = x if train_batch == x.shape[0] else torch.randn((train_batch, *x.shape[1:]), device=dev)
 
             def step():
                 if optimizer is not None:
                     optimizer.zero_grad(set_to_none=True)
-                out = model(x)
+                out = model(xt)
                 out = out[0] if isinstance(out, (list, tuple)) else out
                 out.float().mean().backward()
                 if optimizer is not None:
@@ -215,8 +220,8 @@ def measure_runtime(model: nn.Module, input_shape: Sequence[int], *, device: str
             try:
                 result.train_step_all_ms = _timed(step, dev, repeats, warmup, bar)
                 result.train_step_ms = statistics.median(result.train_step_all_ms)
-                result.train_step_peak_mb = _peak(step, dev, lambda: _state_tensors(model, [x], optimizer))
-            except RuntimeError as err:
+                result.train_step_peak_mb = _peak(step, dev, lambda: _state_tensors(model, [xt], optimizer))
+            except (RuntimeError, ValueError) as err:
                 result.errors.append(f"train step: {err}".splitlines()[0])
             finally:
                 if optimizer is not None:
