@@ -46,7 +46,7 @@ IMPLS = ("reference", "lean")
 # --------------------------------------------------------------------------------------------------
 # configurations
 # --------------------------------------------------------------------------------------------------
-def configurations(device: str, quick: bool) -> list[dict]:
+def configurations(device: str, quick: bool, stages: int | None = None) -> list[dict]:
     """Layer geometries of the brats23 preset and the whole-network training step."""
     if device == "cpu":
         base, layer_batches, net_sizes = (32, 64), (1, 2), [(64, 1)]
@@ -57,7 +57,7 @@ def configurations(device: str, quick: bool) -> list[dict]:
         if quick:
             base, layer_batches, net_sizes = (32, 64), (1,), [(64, 1)]
     configs = []
-    stages = 2 if quick else 5
+    stages = stages or (2 if quick else 5)
     for stage in range(stages):
         channels, size = base[0] * 2**stage, base[1] // 2**stage
         for batch in layer_batches:
@@ -209,6 +209,8 @@ def environment(args) -> dict:
         device=args.device,
         date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        # "0": the lean layer ran unfused (cuDNN) on CUDA; see deconver/nn/ndc_triton.py
+        DECONVER_NDC_FUSED=os.environ.get("DECONVER_NDC_FUSED", "1"),
     )
     try:
         info["cpu_model"] = next(
@@ -217,7 +219,11 @@ def environment(args) -> dict:
     except (OSError, StopIteration):
         pass
     if args.device == "cuda":
+        sys.path.insert(0, str(ROOT))
+        from deconver.nn.ndc import _triton_kernels
+
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["ndc_fused"] = _triton_kernels() is not None and info["DECONVER_NDC_FUSED"] != "0"
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                             text=True).stdout.strip() or None
@@ -270,6 +276,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: default)")
     parser.add_argument("--only", choices=("layer", "network"), default=None)
+    parser.add_argument("--stages", type=int, default=None, help="layer stages to run, from stage 0 (default 5; 2 with --quick)")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -282,7 +289,7 @@ def main(argv=None) -> int:
 
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.net_repeats = args.net_repeats or (2 if args.quick else 3)
-    configs = [c for c in configurations(args.device, args.quick) if args.only in (None, c["kind"])]
+    configs = [c for c in configurations(args.device, args.quick, args.stages) if args.only in (None, c["kind"])]
     info = environment(args)
     rows = []
     for cfg in configs:

@@ -11,6 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton's interpreter runs the fused NDC kernels on the CPU (tests/test_ndc_triton.py).
+# It must be on before Triton is first imported: Triton's own library functions are decorated then.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"

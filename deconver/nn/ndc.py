@@ -29,8 +29,9 @@ Two implementations of the same layer (same parameters, interchangeable state di
     which oneDNN runs these grouped convolutions natively (the projection writes it directly, without
     converting ``x``), and returns a channels-last tensor; there, the depth-wise ``K`` is a depth-wise
     convolution plus a sum (see ``_k_op``) and the filter gradients merge groups (see
-    ``_adjoint_filter_grad``). On CUDA the same node runs on cuDNN in NC(D)HW; no fused kernel is used
-    (none was measured to win on the machines available to this project).
+    ``_adjoint_filter_grad``). On CUDA, for a depth-wise float32 layer (the paper's configuration), the
+    node runs fused Triton kernels that evaluate the stencils directly (:mod:`deconver.nn.ndc_triton`;
+    ``DECONVER_NDC_FUSED=0`` turns them off); otherwise the same node runs on cuDNN in NC(D)HW.
 
 ``num_grad_iters`` follows the official code: iteration ``it`` (1-based) runs under ``torch.no_grad()``
 when ``it <= num_iters - num_grad_iters``, so only the last ``num_grad_iters`` iterations carry
@@ -40,7 +41,9 @@ gradient at all, exactly as in the official code).
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -66,6 +69,26 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_MODULE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 _SLAB_BYTES = 32 * 2**20  # source tensors from this size on are convolved in slabs (see _k_op)
+_FUSED_DEVICE_TYPES = ("cuda",)  # where NDCUpdate runs the Triton kernels of deconver.nn.ndc_triton
+
+
+@functools.cache
+def _triton_kernels():
+    """deconver.nn.ndc_triton, or None where Triton is not installed."""
+    try:
+        from deconver.nn import ndc_triton
+    except ImportError:
+        return None
+    return ndc_triton
+
+
+def _use_fused(x: Tensor, z: Tensor, h: Tensor, groups: int) -> bool:
+    """Whether :class:`NDCUpdate` runs the fused Triton kernels: CUDA, depth-wise, float32, Triton
+    installed, and not turned off by ``DECONVER_NDC_FUSED=0``."""
+    if x.device.type not in _FUSED_DEVICE_TYPES or os.environ.get("DECONVER_NDC_FUSED", "1") == "0" or _is_fake(x):
+        return False
+    kernels = _triton_kernels()
+    return kernels is not None and kernels.supported(x, z, h, groups)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,7 +312,12 @@ class NDCUpdate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, z: Tensor, h: Tensor, groups: int, eps: float, relu_input: bool):
-        out, t1 = _lean_update_forward(x, z, h, groups, eps, relu_input)
+        ctx.fused = _use_fused(x, z, h, groups)
+        if ctx.fused:
+            x, z, h = x.contiguous(), z.contiguous(), h.contiguous()
+            out, t1 = _triton_kernels().update_forward(x, z, h, eps, relu_input)
+        else:
+            out, t1 = _lean_update_forward(x, z, h, groups, eps, relu_input)
         ctx.save_for_backward(x, z, h, t1)
         ctx.cfg = (groups, eps, relu_input)
         return out
@@ -304,6 +332,9 @@ class NDCUpdate(torch.autograd.Function):
         x, z, h, t1 = ctx.saved_tensors
         groups, eps, relu_input = ctx.cfg
         need_x, need_z, need_h = ctx.needs_input_grad[:3]
+        if ctx.fused:
+            gx, gz, gh = _triton_kernels().update_backward(g, x, z, h, t1, eps, relu_input, need_x, need_z, need_h)
+            return gx, gz, gh, None, None, None
         g = _like_layout(g, z)
         x = _like_layout(x, z)  # a temporary copy if the caller's x has another layout
         wa = adjoint_weight(h, groups).contiguous()

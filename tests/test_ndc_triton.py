@@ -1,0 +1,108 @@
+"""The fused Triton NDC kernels (deconver/nn/ndc_triton.py): on a GPU compiled, elsewhere run by
+Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py), which executes the same kernel
+code with NumPy, so the indexing, masking and gradient algebra are checked on every machine against
+the float64 unfused lean implementation. Speed is measured on a GPU by benchmarks/ndc.py.
+"""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from deconver.nn import NDC  # noqa: E402
+from deconver.nn import ndc as ndc_module  # noqa: E402
+from deconver.nn.ndc import NDCUpdate  # noqa: E402
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # without a GPU: interpreted (tests/conftest.py)
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """deconver.nn.ndc_triton, used by NDCUpdate on this test's device."""
+    from deconver.nn import ndc_triton
+
+    monkeypatch.setattr(ndc_module, "_FUSED_DEVICE_TYPES", ("cuda", "cpu"))
+    return ndc_triton
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize(
+    "spatial,channels,sc,kernel,relu_input,needs",
+    [((5, 6, 7), 3, 4, 3, True, (True, True, True)), ((4, 5, 3), 2, 3, 3, False, (True, True, True)),
+     ((6, 7), 2, 2, 5, True, (True, True, True)), ((9,), 2, 4, 3, True, (True, True, True)),
+     ((3, 4, 5), 2, 1, 3, True, (True, True, True)), ((4, 5, 3), 2, 4, 3, True, (False, False, True)),
+     ((4, 5, 3), 2, 4, 3, True, (True, True, False))],
+)
+def test_kernels_match_float64_lean_update(kernels, spatial, channels, sc, kernel, relu_input, needs):
+    """Forward and the requested gradients of one update equal the float64 lean node (1e-6 relative)."""
+    torch.manual_seed(0)
+    d = len(spatial)
+    x = torch.rand(2, channels, *spatial, dtype=torch.float64)
+    # a later iterate (relu_input False) is nonnegative; the first update's projection is not
+    z = torch.randn(2, channels * sc, *spatial, dtype=torch.float64)
+    z = z if relu_input else z.abs()
+    h = torch.rand(channels, sc, *[kernel] * d, dtype=torch.float64)
+    g = torch.randn_like(z)
+    xr, zr, hr = (t.clone().requires_grad_() for t in (x, z, h))
+    with pytest.MonkeyPatch.context() as mp:  # the float64 expectation from the unfused lean path
+        mp.setattr(ndc_module, "_FUSED_DEVICE_TYPES", ())
+        expected = NDCUpdate.apply(xr, zr, hr, channels, 1e-16, relu_input)
+        expected.backward(g)
+    x32, z32, h32, g32 = (t.float().to(DEVICE) for t in (x, z, h, g))
+    out, t1 = kernels.update_forward(x32, z32, h32, 1e-16, relu_input)
+    assert _rel(out.cpu(), expected.detach()) <= 1e-6
+    need_x, need_z, need_h = needs
+    gx, gz, gh = kernels.update_backward(g32, x32, z32, h32, t1, 1e-16, relu_input, need_x, need_z, need_h)
+    for got, want, needed in ((gx, xr.grad, need_x), (gz, zr.grad, need_z), (gh, hr.grad, need_h)):
+        if needed:
+            assert got.shape == want.shape and _rel(got.cpu(), want) <= 1e-6
+        else:
+            assert got is None
+
+
+@pytest.mark.parametrize("batch,num_iters", [(1, 1), (2, 2)])
+def test_layer_on_fused_path_matches_reference(kernels, batch, num_iters, monkeypatch):
+    """The whole float32 layer through the fused path equals the official formulation run in float64
+    (forward 1e-6, every gradient 1e-5 relative; the float64 reference keeps cuDNN's TF32 out)."""
+    calls = []
+    forward = kernels.update_forward
+    monkeypatch.setattr(kernels, "update_forward", lambda *a: calls.append(1) or forward(*a))
+    torch.manual_seed(1)
+    layer = NDC(4, 3, ratio=2, num_iters=num_iters, spatial_dims=3).to(DEVICE)
+    x = torch.rand(batch, 4, 6, 5, 4, device=DEVICE, requires_grad=True)
+    y = layer(x)
+    assert len(calls) == num_iters  # the fused kernels really ran
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *layer.parameters()], gy)
+    reference = copy.deepcopy(layer).double()
+    reference.impl = "reference"
+    x64 = x.detach().double().requires_grad_()
+    y_ref = reference(x64)
+    grads_ref = torch.autograd.grad(y_ref, [x64, *reference.parameters()], gy.double())
+    assert _rel(y, y_ref) <= 1e-6
+    for got, want in zip(grads, grads_ref):
+        assert _rel(got, want) <= 1e-5
+
+
+def test_unsupported_geometry_and_switch_fall_back(kernels, monkeypatch):
+    """Grouped (not depth-wise) filters, float64 and DECONVER_NDC_FUSED=0 take the unfused lean path."""
+
+    def fail(*args):
+        raise AssertionError("fused kernels used")
+
+    monkeypatch.setattr(kernels, "update_forward", fail)
+    torch.manual_seed(2)
+    x = torch.rand(2, 4, 5, 5, 5, device=DEVICE)
+    NDC(4, 3, groups=2, source_channels=2, spatial_dims=3).to(DEVICE)(x)  # m = 2 filter channels per group
+    NDC(4, 3, spatial_dims=3).double().to(DEVICE)(x.double())
+    monkeypatch.setenv("DECONVER_NDC_FUSED", "0")
+    NDC(4, 3, spatial_dims=3).to(DEVICE)(x)
+    monkeypatch.delenv("DECONVER_NDC_FUSED")
+    with pytest.raises(AssertionError, match="fused kernels used"):
+        NDC(4, 3, spatial_dims=3).to(DEVICE)(x)
