@@ -24,6 +24,17 @@ SHARED_DATA = SHARED / "data"
 SLURM_UP = SHARED / "tools" / "slurm-up.sh"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): on a shared 2-core machine OpenMP spinning makes two
+    threads many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The repository root (where Snakefile, config/ and models/ are)."""

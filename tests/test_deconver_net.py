@@ -11,13 +11,7 @@ import deconver
 from deconver.nn import NDC, PRESETS, DeconvMixer, Deconver, DeconverBlock
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: OpenMP threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _count(module: torch.nn.Module) -> int:

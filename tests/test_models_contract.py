@@ -15,13 +15,7 @@ CASES = [(model, preset) for model in list_models() for preset, p in PRESETS.ite
          if p.spatial_dims in model_info(model).dims]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny inputs: one thread is fastest and does not fight the other test processes for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_loaded_cleanly():

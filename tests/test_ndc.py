@@ -21,13 +21,7 @@ from deconver.nn.ndc import (
 IMPLS = ("lean", "reference")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 SIZES = {1: (7,), 2: (5, 4), 3: (3, 4, 3)}
 
 

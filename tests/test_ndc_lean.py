@@ -13,13 +13,7 @@ SIZES = {1: (7,), 2: (5, 4), 3: (3, 4, 3)}
 GRID = list(itertools.product((1, 2, 3), (-1, 1, 2, 4), (1, 2, 4), (3, 5), (1, 3), (1, 2)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

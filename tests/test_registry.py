@@ -31,13 +31,7 @@ BASELINES = ["attention_unet", "deconver", "dynunet", "mednext", "segresnet", "s
              "smp_unetplusplus", "swin_unetr", "unet", "unetr"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny inputs: one thread is fastest and does not fight the other test processes for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -65,18 +65,29 @@ def _neighbour(offs, vmask, D, H, W, dd: tl.constexpr, dh: tl.constexpr, dw: tl.
 
 
 @triton.jit
+def _program(D, H, W, C, SC: tl.constexpr, SCP: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's voxel block, row ``bc = b * C + c`` and channel ``c``, the volume ``V``, the
+    voxel offsets and their mask, the source channels ``ii`` of the group and their mask."""
+    pid_v = tl.program_id(0)
+    bc = tl.program_id(1).to(tl.int64)
+    V = D * H * W
+    offs = pid_v * BLOCK + tl.arange(0, BLOCK)
+    ii = tl.arange(0, SCP)
+    return pid_v, bc, bc % C, V, offs, offs < V, ii, ii < SC
+
+
+@triton.jit
+def _source_tile(bc, V, offs, vmask, ii, imask, SC: tl.constexpr):
+    """Flat index and mask of this program's ``[SCP, BLOCK]`` tile of a source-sized tensor."""
+    return bc * SC * V + ii[:, None].to(tl.int64) * V + offs[None, :], imask[:, None] & vmask[None, :]
+
+
+@triton.jit
 def _k_kernel(src_ptr, h_ptr, out_ptr, D, H, W, C, RELU: tl.constexpr, SC: tl.constexpr,
               SCP: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
               BLOCK: tl.constexpr):
     """out[b, c] = sum_i sum_o h[c, i, o] * f(src[b, c*SC + i])[v + o - pad], f = relu or identity."""
-    pid_v = tl.program_id(0)
-    bc = tl.program_id(1).to(tl.int64)
-    c = bc % C
-    V = D * H * W
-    offs = pid_v * BLOCK + tl.arange(0, BLOCK)
-    vmask = offs < V
-    ii = tl.arange(0, SCP)
-    imask = ii < SC
+    pid_v, bc, c, V, offs, vmask, ii, imask = _program(D, H, W, C, SC, SCP, BLOCK)
     src = src_ptr + bc * SC * V + ii[:, None].to(tl.int64) * V
     hrow = h_ptr + c * SC * (KD * KH * KW) + ii * (KD * KH * KW)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -113,19 +124,11 @@ def _update_kernel(x_ptr, t_ptr, z_ptr, h_ptr, out_ptr, eps, D, H, W, C, RELU: t
                    SC: tl.constexpr, SCP: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr,
                    KW: tl.constexpr, BLOCK: tl.constexpr):
     """out = s * (A(x) + eps) / (A(t) + eps), s = relu(z) or z, t = K(s)."""
-    pid_v = tl.program_id(0)
-    bc = tl.program_id(1).to(tl.int64)
-    c = bc % C
-    V = D * H * W
-    offs = pid_v * BLOCK + tl.arange(0, BLOCK)
-    vmask = offs < V
-    ii = tl.arange(0, SCP)
-    imask = ii < SC
+    pid_v, bc, c, V, offs, vmask, ii, imask = _program(D, H, W, C, SC, SCP, BLOCK)
     hrow = h_ptr + c * SC * (KD * KH * KW) + ii * (KD * KH * KW)
     num, den = _adjoints(x_ptr + bc * V, t_ptr + bc * V, hrow, offs, vmask, imask, D, H, W, SCP, KD, KH,
                          KW, BLOCK)
-    idx = bc * SC * V + ii[:, None].to(tl.int64) * V + offs[None, :]
-    mask2 = imask[:, None] & vmask[None, :]
+    idx, mask2 = _source_tile(bc, V, offs, vmask, ii, imask, SC)
     s = tl.load(z_ptr + idx, mask=mask2, other=0.0)
     if RELU:
         s = tl.maximum(s, 0.0)
@@ -139,21 +142,13 @@ def _grad_a_kernel(x_ptr, t_ptr, z_ptr, g_ptr, h_ptr, w_ptr, gd_ptr, part_ptr, e
     """w = g * s / Dn (dL/dA(x)), gd = -w * Nn / Dn (dL/dA(t)); with NEED_H, this program's part of
     sum_v w[i, v] x[v - (o - pad)] + gd[i, v] t[v - (o - pad)] per (i, o) (the filter gradient
     through both adjoints)."""
-    pid_v = tl.program_id(0)
-    bc = tl.program_id(1).to(tl.int64)
-    c = bc % C
-    V = D * H * W
-    offs = pid_v * BLOCK + tl.arange(0, BLOCK)
-    vmask = offs < V
-    ii = tl.arange(0, SCP)
-    imask = ii < SC
+    pid_v, bc, c, V, offs, vmask, ii, imask = _program(D, H, W, C, SC, SCP, BLOCK)
     KV: tl.constexpr = KD * KH * KW
     hrow = h_ptr + c * SC * KV + ii * KV
     x_row = x_ptr + bc * V
     t_row = t_ptr + bc * V
     num, den = _adjoints(x_row, t_row, hrow, offs, vmask, imask, D, H, W, SCP, KD, KH, KW, BLOCK)
-    idx = bc * SC * V + ii[:, None].to(tl.int64) * V + offs[None, :]
-    mask2 = imask[:, None] & vmask[None, :]
+    idx, mask2 = _source_tile(bc, V, offs, vmask, ii, imask, SC)
     s = tl.load(z_ptr + idx, mask=mask2, other=0.0)
     if RELU:
         s = tl.maximum(s, 0.0)
@@ -181,19 +176,11 @@ def _grad_s_kernel(x_ptr, t_ptr, gt_ptr, z_ptr, g_ptr, h_ptr, gz_ptr, part_ptr, 
                    BLOCK: tl.constexpr):
     """dL/dz = (g * Nn / Dn + A(gt)) * [z > 0 if RELU], gt = dL/dK(s); with NEED_H, this program's
     part of sum_v s[i, v] gt[v - (o - pad)] per (i, o) (the filter gradient through K)."""
-    pid_v = tl.program_id(0)
-    bc = tl.program_id(1).to(tl.int64)
-    c = bc % C
-    V = D * H * W
-    offs = pid_v * BLOCK + tl.arange(0, BLOCK)
-    vmask = offs < V
-    ii = tl.arange(0, SCP)
-    imask = ii < SC
+    pid_v, bc, c, V, offs, vmask, ii, imask = _program(D, H, W, C, SC, SCP, BLOCK)
     KV: tl.constexpr = KD * KH * KW
     hrow = h_ptr + c * SC * KV + ii * KV
     gt_row = gt_ptr + bc * V
-    idx = bc * SC * V + ii[:, None].to(tl.int64) * V + offs[None, :]
-    mask2 = imask[:, None] & vmask[None, :]
+    idx, mask2 = _source_tile(bc, V, offs, vmask, ii, imask, SC)
     z = tl.load(z_ptr + idx, mask=mask2, other=0.0)
     s = z
     if RELU:
