@@ -44,7 +44,10 @@ bias) and its two ``F.relu`` calls were visible: ``F.relu(s0)`` on the ``G*sc`` 
 convolutions and the multiplicative update were not counted. This counter reproduces exactly that
 for any :class:`deconver.nn.NDC` (lean or reference, so both give the same number): inside an NDC
 layer every patched call is muted and the layer is charged the analytic cost of those three calls
-(:func:`ndc_paper_cost`). Other layers can be given such a rule with :func:`register_opaque`.
+(:func:`ndc_paper_cost`). The Deconver mixer around it is charged the same way, as the official
+mixer's calls (:func:`mixer_paper_cost`: its two 1x1 convolutions, the second with bias, and the
+ReLU), because this suite computes its output projection as a GEMM or through a convolution the
+patches do not see. Other layers can be given such a rule with :func:`register_opaque`.
 
 **Not reproduced:** the profiler sums per-module totals over the module tree and counts a module
 reachable through two attributes twice (MONAI's DynUNet, 915K instead of about 456K per voxel in the
@@ -262,6 +265,21 @@ def ndc_paper_cost(layer: nn.Module, x: torch.Tensor) -> list[tuple[str, int, in
             ("ndc.relu(h)", b * int(layer.h0.numel()), 0)]
 
 
+def mixer_paper_cost(mixer: nn.Module, x: torch.Tensor) -> list[tuple[str, int, int]]:
+    """What DeepSpeed saw of one official Deconver mixer call: its input 1x1 convolution (``F.conv``),
+    the ``F.relu`` after it, the NDC layer's visible calls (:func:`ndc_paper_cost`) and its output 1x1
+    convolution with bias. Charging the mixer as a whole makes the count independent of how this
+    suite's implementations compute it (the lean one projects channels-last tensors with a GEMM, the
+    reference one with a convolution PyTorch's patches do not see)."""
+    b, n = int(x.shape[0]), math.prod(int(v) for v in x.shape[2:])
+    entries = []
+    for name, conv in (("mixer.in_proj(conv)", mixer.in_proj), ("mixer.out_proj(conv)", mixer.out_proj)):
+        c_out, c_in = int(conv.weight.shape[0]), int(conv.weight.shape[1])
+        macs = b * n * c_in * c_out
+        entries.append((name, 2 * macs + (c_out * b * n if conv.bias is not None else 0), macs))
+    return [entries[0], ("mixer.relu", b * int(x.shape[1]) * n, 0), *ndc_paper_cost(mixer.ndc, x), entries[1]]
+
+
 OpaqueRule = Callable[[nn.Module, torch.Tensor], list[tuple[str, int, int]]]
 _OPAQUE: dict[type, OpaqueRule] = {}
 
@@ -274,9 +292,11 @@ def register_opaque(layer_type: type, rule: OpaqueRule) -> None:
 def _opaque_rules() -> dict[type, OpaqueRule]:
     rules = dict(_OPAQUE)
     try:
+        from deconver.nn.deconver import DeconvMixer
         from deconver.nn.ndc import NDC
     except ImportError:  # the network package is optional for counting other models
         return rules
+    rules.setdefault(DeconvMixer, mixer_paper_cost)
     rules.setdefault(NDC, ndc_paper_cost)
     return rules
 
