@@ -37,9 +37,11 @@ _BLOCK = 512  # voxels per program
 
 
 def supported(x: Tensor, z: Tensor, h: Tensor, groups: int) -> bool:
-    """Whether the fused kernels apply: depth-wise filter, float32, at most 3 spatial dimensions."""
+    """Whether the fused kernels apply: depth-wise filter, float32, at most 3 spatial dimensions, and
+    batch x channels within CUDA's second grid dimension."""
     return (
         h.shape[0] == groups
+        and x.shape[0] * x.shape[1] <= 65535
         and x.dim() - 2 in (1, 2, 3)
         and x.dtype == z.dtype == h.dtype == torch.float32
         and z.shape[1] == h.shape[0] * h.shape[1]
