@@ -9,7 +9,8 @@ loss on the model's logits, backward, AdamW update).
 Each (model, preset) runs in its own process, so peak memory is that pair's alone: on a GPU, CUDA's
 max allocated bytes; on the CPU, the process's peak RSS and its increase over the RSS before the first
 step (model, optimizer and batch already allocated). On CPU the batch is 1 by default (paper batches at
-paper rois do not fit a small machine); on a GPU the preset's batch. One warm-up step, then the median of
+paper rois do not fit a small machine); on a GPU the preset's batch; never below the model's registered
+``min_batch``. One warm-up step, then the median of
 `--steps` timed steps. Pairs the registry refuses (dims, roi) are listed as skipped with the reason.
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ def child(model: str, preset_name: str, steps: int, batch: str, device: str) -> 
     p = preset.protocol
     roi = tuple(p.roi_size)
     b = p.batch_size if batch == "preset" else int(batch)
+    b = max(b, registry.model_info(model).min_batch)  # e.g. BatchNorm on a 1 x 1 map needs 2
     torch.manual_seed(0)
     net = registry.create_model(model, in_channels=preset.in_channels, out_channels=preset.out_channels,
                                 spatial_dims=preset.spatial_dims, roi_size=roi, dataset=preset.name)
