@@ -33,10 +33,13 @@ def test_interrupted_study_resumes_without_redoing_work(smoke_roots, tmp_path):
     study = write_study(work, smoke_config(complexity={"activate": False}), roots=smoke_roots)
     first_log = tmp_path / "first.log"
     with first_log.open("w") as log:
-        # its own process group, so the interrupt reaches Snakemake and its jobs, as Ctrl-C in a terminal
+        # its own process group, so the interrupt reaches Snakemake and its jobs, as Ctrl-C in a terminal;
+        # SIGINT back to its default action: a test run started in the background by a shell (`cmd &`)
+        # inherits it ignored, and Python then installs no KeyboardInterrupt handler
         proc = subprocess.Popen(snakemake_cmd("--cores", "2", "--configfile", study, "--directory", work),
                                 cwd=REPO_ROOT, env=tool_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 420
         try:
             # midway: the data prepared and two runs trained (others training), far from the report
