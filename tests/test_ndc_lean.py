@@ -188,3 +188,27 @@ def test_channels_last_projection_matches_convolution(dims):
         assert out.is_contiguous(memory_format=fmt) and torch.allclose(out, ref, atol=1e-12)
     assert torch.allclose(pointwise_conv(x.contiguous(memory_format=fmt), w, b), ref, atol=1e-12)
     assert torch.allclose(pointwise_conv(x, w, b), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("nonnegative", [True, False])
+@pytest.mark.parametrize("num_iters", [1, 2])
+def test_backward_from_output_or_projection_matches_reference(nonnegative, num_iters, monkeypatch):
+    """With x >= 0 the node keeps its output instead of z and recovers s = out * D / N in backward
+    (one source-sized tensor less); with a negative input (N may vanish) it keeps z. Both give the
+    float64 reference's gradients."""
+    import deconver.nn.ndc as ndc
+
+    calls = []
+    original = ndc._lean_backward_from_output
+    monkeypatch.setattr(ndc, "_lean_backward_from_output", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(12)
+    layer = NDC(6, 3, ratio=2, num_iters=num_iters, spatial_dims=3).double()
+    x = torch.rand(2, 6, 5, 4, 6, dtype=torch.float64)
+    x = (x if nonnegative else x - 0.3).requires_grad_()
+    gy = torch.randn_like(layer(x))
+    lean = torch.autograd.grad(layer(x), [x, *layer.parameters()], gy)
+    assert len(calls) == (num_iters if nonnegative else 0)
+    layer.impl = "reference"
+    ref = torch.autograd.grad(layer(x), [x, *layer.parameters()], gy)
+    for a, b in zip(lean, ref):
+        assert ((a - b).norm() / b.norm()).item() <= 1e-10

@@ -288,6 +288,43 @@ def _conv_like(inp: Tensor, weight: Tensor, groups: int) -> Tensor:
     return _CONV[weight.dim() - 2](inp, weight, padding=_padding(weight), groups=groups)
 
 
+def _lean_backward_from_output(g: Tensor, x: Tensor, out: Tensor, h: Tensor, t1: Tensor, groups: int, eps: float,
+                               relu_input: bool, need_x: bool, need_z: bool, need_h: bool):
+    """:class:`NDCUpdate`'s gradients from its output ``out = s * N / D`` instead of ``z`` (valid when
+    ``N = A(x) + eps > 0``): ``s / D = out / N`` and ``s = out / R`` with ``R = N / D``; ReLU's mask is
+    ``out > 0``. Two source-sized work buffers, as the ``z`` form."""
+    g = _like_layout(g, out)
+    x = _like_layout(x, out)  # a temporary copy if the caller's x has another layout
+    wa = adjoint_weight(h, groups).contiguous()
+    gx = gz = gwa = None
+    b1 = _conv_like(t1, wa, groups).add_(eps).reciprocal_()  # 1 / D
+    b2 = _conv_like(x, wa, groups).add_(eps)  # N
+    b1.mul_(b2)  # R = N / D
+    w = b2.reciprocal_().mul_(out).mul_(g)  # dL/dA(x) = g * s / D = g * out / N
+    if need_h:
+        gwa = _adjoint_filter_grad(x, w, wa, groups)
+    del x
+    if need_x:
+        gx = _k_op(w, h, groups)  # A^T = K
+    gd = w.mul_(b1).neg_()  # dL/dA(t1) = -g * s * N / D^2 = -w * R
+    gt1 = _k_op(gd, h, groups)  # dL/dt1
+    if need_h:
+        gwa.add_(_adjoint_filter_grad(t1, gd, wa, groups))
+        s = torch.div(out, b1, out=gd)  # s = out / R
+        gwa.add_(_adjoint_filter_grad(gt1, s, wa, groups))  # <gt1, K(s)> = <A(gt1), s>
+        del s
+    del b2, w, gd  # one buffer: freed before the third one below, two alive at a time
+    if need_z:
+        p = b1.mul_(g)  # dL/ds, direct term: g * N / D
+        b3 = _conv_like(gt1, wa, groups)
+        p.add_(b3)  # + K^T(dL/dt1)
+        if relu_input:  # relu's derivative, 1 where z > 0, i.e. where out > 0
+            p.mul_(torch.sign(out, out=b3))
+        gz = p
+    gh = _filter_grad_from_adjoint(gwa, h, groups) if need_h else None
+    return gx, gz, gh
+
+
 class NDCUpdate(torch.autograd.Function):
     """One NDC multiplicative update as a single autograd node (the ``"lean"`` implementation).
 
@@ -316,8 +353,15 @@ class NDCUpdate(torch.autograd.Function):
         if ctx.fused:
             x, z, h = x.contiguous(), z.contiguous(), h.contiguous()
             out, t1 = _triton_kernels().update_forward(x, z, h, eps, relu_input)
+            ctx.from_output = False
         else:
             out, t1 = _lean_update_forward(x, z, h, groups, eps, relu_input)
+            # With x >= 0 (the mixer's ReLU gives it) and eps > 0, N = A(x) + eps > 0, so s = out * D / N
+            # can be recovered in backward: keep the output (alive anyway: the next layer holds it)
+            # instead of z, one source-sized tensor less over the layer's lifetime.
+            ctx.from_output = eps > 0 and bool(x.min() >= 0)
+            if ctx.from_output:
+                z = out
         ctx.save_for_backward(x, z, h, t1)
         ctx.cfg = (groups, eps, relu_input)
         return out
@@ -334,6 +378,9 @@ class NDCUpdate(torch.autograd.Function):
         need_x, need_z, need_h = ctx.needs_input_grad[:3]
         if ctx.fused:
             gx, gz, gh = _triton_kernels().update_backward(g, x, z, h, t1, eps, relu_input, need_x, need_z, need_h)
+            return gx, gz, gh, None, None, None
+        if ctx.from_output:
+            gx, gz, gh = _lean_backward_from_output(g, x, z, h, t1, groups, eps, relu_input, need_x, need_z, need_h)
             return gx, gz, gh, None, None, None
         g = _like_layout(g, z)
         x = _like_layout(x, z)  # a temporary copy if the caller's x has another layout
