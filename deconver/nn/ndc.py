@@ -23,7 +23,8 @@ Two implementations of the same layer (same parameters, interchangeable state di
     ordinary grouped convolutions with ``G`` groups on the unsplit tensor (the filter is shared by the
     batch, so this is exactly the same map), the adjoint as a convolution with the flipped, regrouped
     filter, and one custom autograd node, :class:`NDCUpdate`, that keeps only ``x``, the pre-activation
-    projection ``z`` and ``K(s)`` for backward and recomputes ``A(x)`` and ``A(K(s))`` there. ReLU and
+    projection ``z`` (unfused with ``x >= 0``: the update's output, from which ``s`` is recovered) and
+    ``K(s)`` for backward and recomputes ``A(x)`` and ``A(K(s))`` there. ReLU and
     the projection's bias are folded into the node, and the source-sized temporaries are updated in
     place (two alive at a time). On CPU the 2D/3D layer computes in channels-last layout, the layout in
     which oneDNN runs these grouped convolutions natively (the projection writes it directly, without
@@ -335,8 +336,10 @@ class NDCUpdate(torch.autograd.Function):
     which must be nonnegative (the backward relies on ``A(K(s)) + eps > 0``). The computation runs in
     the memory layout of ``z``; ``x`` is converted to it on the fly if needed (a temporary copy).
 
-    Saved for backward: ``x``, ``z`` and ``K(s)`` (plus the small ``h``); ``A(x)`` and ``A(K(s))`` are
-    recomputed in backward. Not twice differentiable.
+    Saved for backward: ``x``, ``z`` and ``K(s)`` (plus the small ``h``); on the unfused path with
+    ``x >= 0`` and ``eps > 0`` the output replaces ``z`` (``s = out * D / N``, see
+    :func:`_lean_backward_from_output`), so the caller must not modify the output in place. ``A(x)``
+    and ``A(K(s))`` are recomputed in backward. Not twice differentiable.
 
     Cost (for FLOP counters; the class name is stable: TorchScript/fvcore see this node as
     ``prim::PythonOp`` named ``NDCUpdate``, fvcore's handle key ``"prim::PythonOp.NDCUpdate"``):
