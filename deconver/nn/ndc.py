@@ -289,38 +289,52 @@ def _conv_like(inp: Tensor, weight: Tensor, groups: int) -> Tensor:
     return _CONV[weight.dim() - 2](inp, weight, padding=_padding(weight), groups=groups)
 
 
-def _lean_backward_from_output(g: Tensor, x: Tensor, out: Tensor, h: Tensor, t1: Tensor, groups: int, eps: float,
-                               relu_input: bool, need_x: bool, need_z: bool, need_h: bool):
-    """:class:`NDCUpdate`'s gradients from its output ``out = s * N / D`` instead of ``z`` (valid when
-    ``N = A(x) + eps > 0``): ``s / D = out / N`` and ``s = out / R`` with ``R = N / D``; ReLU's mask is
-    ``out > 0``. Two source-sized work buffers, as the ``z`` form."""
-    g = _like_layout(g, out)
-    x = _like_layout(x, out)  # a temporary copy if the caller's x has another layout
+def _lean_backward(g: Tensor, x: Tensor, saved: Tensor, h: Tensor, t1: Tensor, groups: int, eps: float,
+                   relu_input: bool, from_output: bool, need_x: bool, need_z: bool, need_h: bool):
+    """Gradients ``(dL/dx, dL/dz, dL/dh)`` of one unfused :class:`NDCUpdate`.
+
+    ``saved`` is ``z`` or, with ``from_output`` (valid when ``N = A(x) + eps > 0``), the update's output
+    ``out = s * N / D``: then ``s / D = out / N``, ``s = out / R`` with ``R = N / D``, and ReLU's mask is
+    ``out > 0``. Two source-sized work buffers; each is freed before the next one is made.
+    """
+    g = _like_layout(g, saved)
+    x = _like_layout(x, saved)  # a temporary copy if the caller's x has another layout
     wa = adjoint_weight(h, groups).contiguous()
     gx = gz = gwa = None
-    b1 = _conv_like(t1, wa, groups).add_(eps).reciprocal_()  # 1 / D
-    b2 = _conv_like(x, wa, groups).add_(eps)  # N
-    b1.mul_(b2)  # R = N / D
-    w = b2.reciprocal_().mul_(out).mul_(g)  # dL/dA(x) = g * s / D = g * out / N
+    inv_d = _conv_like(t1, wa, groups).add_(eps).reciprocal_()  # 1 / D
+    num = _conv_like(x, wa, groups).add_(eps)  # N
+    if from_output:
+        r = inv_d.mul_(num)  # R = N / D
+        w = num.reciprocal_().mul_(saved)  # s / D = out / N
+    else:
+        r = num.mul_(inv_d)  # R = N / D
+        w = inv_d.mul_(saved)  # s / D; with D > 0 (h >= 0) relu commutes with the positive factor
+        if relu_input:
+            w.clamp_min_(0)
+    del inv_d, num
+    w.mul_(g)  # dL/dA(x) = g * s / D
     if need_h:
         gwa = _adjoint_filter_grad(x, w, wa, groups)
     del x
     if need_x:
         gx = _k_op(w, h, groups)  # A^T = K
-    gd = w.mul_(b1).neg_()  # dL/dA(t1) = -g * s * N / D^2 = -w * R
+    gd = w.mul_(r).neg_()  # dL/dA(t1) = -g * s * N / D^2 = -w * R
     gt1 = _k_op(gd, h, groups)  # dL/dt1
     if need_h:
         gwa.add_(_adjoint_filter_grad(t1, gd, wa, groups))
-        s = torch.div(out, b1, out=gd)  # s = out / R
+        if from_output:
+            s = torch.div(saved, r, out=gd)  # s = out / R
+        else:
+            s = torch.clamp(saved, min=0, out=gd) if relu_input else saved
         gwa.add_(_adjoint_filter_grad(gt1, s, wa, groups))  # <gt1, K(s)> = <A(gt1), s>
         del s
-    del b2, w, gd  # one buffer: freed before the third one below, two alive at a time
+    del w, gd  # the first buffer: freed before the third one below
     if need_z:
-        p = b1.mul_(g)  # dL/ds, direct term: g * N / D
+        p = r.mul_(g)  # dL/ds, direct term: g * N / D
         b3 = _conv_like(gt1, wa, groups)
         p.add_(b3)  # + K^T(dL/dt1)
-        if relu_input:  # relu's derivative, 1 where z > 0, i.e. where out > 0
-            p.mul_(torch.sign(out, out=b3))
+        if relu_input:  # relu's derivative: 1 where z > 0, i.e. where relu(z) > 0 and where out > 0
+            p.mul_(torch.clamp(saved, min=0, out=b3).sign_())
         gz = p
     gh = _filter_grad_from_adjoint(gwa, h, groups) if need_h else None
     return gx, gz, gh
@@ -338,7 +352,7 @@ class NDCUpdate(torch.autograd.Function):
 
     Saved for backward: ``x``, ``z`` and ``K(s)`` (plus the small ``h``); on the unfused path with
     ``x >= 0`` and ``eps > 0`` the output replaces ``z`` (``s = out * D / N``, see
-    :func:`_lean_backward_from_output`), so the caller must not modify the output in place. ``A(x)``
+    :func:`_lean_backward`), so the caller must not modify the output in place. ``A(x)``
     and ``A(K(s))`` are recomputed in backward. Not twice differentiable.
 
     Cost (for FLOP counters; the class name is stable: TorchScript/fvcore see this node as
@@ -382,49 +396,7 @@ class NDCUpdate(torch.autograd.Function):
         if ctx.fused:
             gx, gz, gh = _triton_kernels().update_backward(g, x, z, h, t1, eps, relu_input, need_x, need_z, need_h)
             return gx, gz, gh, None, None, None
-        if ctx.from_output:
-            gx, gz, gh = _lean_backward_from_output(g, x, z, h, t1, groups, eps, relu_input, need_x, need_z, need_h)
-            return gx, gz, gh, None, None, None
-        g = _like_layout(g, z)
-        x = _like_layout(x, z)  # a temporary copy if the caller's x has another layout
-        wa = adjoint_weight(h, groups).contiguous()
-        gx = gz = gwa = None
-        # N = A(x) + eps, D = A(t1) + eps, out = s * N / D. Two source-sized buffers, b1 and b2,
-        # are updated in place through the whole computation (plus one for A(gt1) at the end).
-        b1 = _conv_like(t1, wa, groups).add_(eps).reciprocal_()  # 1 / D
-        b2 = _conv_like(x, wa, groups).add_(eps).mul_(b1)  # R = N / D
-        b1.mul_(z)  # s / D; with D > 0 (h >= 0, s >= 0) relu commutes with the positive factor
-        if relu_input:
-            b1.clamp_min_(0)
-        w = b1.mul_(g)  # dL/dA(x) = g * s / D
-        if need_h:
-            gwa = _adjoint_filter_grad(x, w, wa, groups)
-        del x
-        if need_x:
-            gx = _k_op(w, h, groups)  # A^T = K
-        gd = w.mul_(b2).neg_()  # dL/dA(t1) = -g * s * N / D^2 = -w * R
-        gt1 = _k_op(gd, h, groups)  # dL/dt1
-        if need_h:
-            gwa.add_(_adjoint_filter_grad(t1, gd, wa, groups))
-        del w, gd, b1
-        p = b2.mul_(g)  # dL/ds, direct term: g * N / D
-        b3 = None
-        if need_z:
-            b3 = _conv_like(gt1, wa, groups)
-            p.add_(b3)  # + K^T(dL/dt1)
-        if need_h:  # <gt1, K(s)> = <A(gt1), s>
-            if relu_input:
-                s = torch.clamp(z, min=0, out=b3) if b3 is not None else torch.relu(z)
-            else:
-                s = z
-            gwa.add_(_adjoint_filter_grad(gt1, s, wa, groups))
-            b3 = s if relu_input else b3
-        if need_z:
-            if relu_input:  # relu's derivative, 1 where z > 0: sign(relu(z))
-                mask = torch.clamp(z, min=0, out=b3) if not need_h else b3
-                p.mul_(mask.sign_())
-            gz = p
-        gh = _filter_grad_from_adjoint(gwa, h, groups) if need_h else None
+        gx, gz, gh = _lean_backward(g, x, z, h, t1, groups, eps, relu_input, ctx.from_output, need_x, need_z, need_h)
         return gx, gz, gh, None, None, None
 
 
