@@ -17,13 +17,19 @@ Method:
   (``/proc/self/clear_refs``) and the peak is ``VmHWM`` during one more iteration minus ``VmRSS``
   before it (model, optimizer state and inputs are in the baseline, the gradients are not);
 * GPU peak memory: ``torch.cuda.max_memory_allocated()`` during one iteration minus the memory
-  allocated before it.
+  allocated before it;
+* ``--lean-variant NAME:KEY=VALUE,...``: the lean implementation once more with these environment
+  variables (e.g. the fused backward's filter-gradient strategy), with its own ratios to the reference;
+* ``--profile``: one more subprocess per run that profiles one iteration after the warm-up with
+  ``torch.profiler`` and records the top operators and kernels by self time (device time on CUDA).
 
 Usage::
 
     python benchmarks/ndc.py                  # full CPU run -> results/benchmarks/ndc.json
     python benchmarks/ndc.py --quick          # small sizes, a minute or two
     python benchmarks/ndc.py --device cuda --out results/benchmarks/ndc_cuda.json
+    python benchmarks/ndc.py --device cuda --only layer --stages 1 --profile \
+        --lean-variant chunked:DECONVER_NDC_FILTER_GRAD=chunked   # + per-kernel times, a variant
 """
 
 from __future__ import annotations
@@ -82,6 +88,22 @@ def _rss_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _profile(step, dev, top: int = 15) -> list[dict]:
+    """The ``top`` operators and kernels of one iteration by self time on the device (CPU: on the CPU),
+    from ``torch.profiler``: name, calls, self milliseconds and share of the iteration's total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [dict(name=e.key, calls=e.count, self_ms=round(getattr(e, key) / 1e3, 3),
+                 share=round(getattr(e, key) / total, 4)) for e in events[:top]]
 
 
 def worker(cfg: dict, impl: str, mode: str, device: str, warmup: int, repeats: int, threads: int) -> dict:
@@ -147,6 +169,8 @@ def worker(cfg: dict, impl: str, mode: str, device: str, warmup: int, repeats: i
     for _ in range(warmup):
         step()
     result = {}
+    if mode == "profile":
+        return dict(profile=_profile(step, dev))
     if mode == "memory":
         zero()
         if dev.type == "cuda":
@@ -180,8 +204,8 @@ def worker(cfg: dict, impl: str, mode: str, device: str, warmup: int, repeats: i
     return result
 
 
-def run_worker(cfg: dict, impl: str, mode: str, args) -> dict:
-    env = dict(os.environ)
+def run_worker(cfg: dict, impl: str, mode: str, args, extra_env: dict | None = None) -> dict:
+    env = dict(os.environ, **(extra_env or {}))
     if mode == "memory" and args.device == "cpu":
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     payload = json.dumps(dict(cfg=cfg, impl=impl, mode=mode, device=args.device, warmup=args.warmup,
@@ -190,7 +214,8 @@ def run_worker(cfg: dict, impl: str, mode: str, args) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", payload], env=env,
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
-        raise RuntimeError(f"worker failed for {label(cfg)} / {impl} / {mode}:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"worker failed for {label(cfg)} / {impl} {extra_env or ''} / {mode}:\n"
+                           f"{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -211,6 +236,7 @@ def environment(args) -> dict:
         command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         # "0": the lean layer ran unfused (cuDNN) on CUDA; see deconver/nn/ndc_triton.py
         DECONVER_NDC_FUSED=os.environ.get("DECONVER_NDC_FUSED", "1"),
+        DECONVER_NDC_FILTER_GRAD=os.environ.get("DECONVER_NDC_FILTER_GRAD", "inline"),  # lean runs; see --lean-variant
     )
     try:
         info["cpu_model"] = next(
@@ -249,19 +275,46 @@ def _fmt(value, unit="", digits=3):
     return "-" if value is None else f"{value:.{digits}f}{unit}"
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME:KEY=VALUE[,KEY=VALUE...]`` -> (NAME, {KEY: VALUE}); a clear error for anything else."""
+    name, sep, assignments = text.partition(":")
+    pairs = [item.partition("=") for item in assignments.split(",")] if sep else []
+    if not name or name in IMPLS or not pairs or any(not k or not eq for k, eq, _ in pairs):
+        raise argparse.ArgumentTypeError(
+            f"--lean-variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...] with a NAME other than "
+            f"{' or '.join(IMPLS)}, e.g. chunked:DECONVER_NDC_FILTER_GRAD=chunked")
+    return name, {k: v for k, _, v in pairs}
+
+
+def _ratios(ref: dict, other: dict) -> dict:
+    def ratio(a, b):
+        return None if a is None or b in (None, 0) else a / b
+
+    return dict(
+        forward_speedup=ratio(ref["forward_s"], other["forward_s"]),
+        backward_speedup=ratio(ref["backward_s"], other["backward_s"]),
+        total_speedup=ratio(ref["total_s"], other["total_s"]),
+        memory_ratio=ratio(other.get("peak_mib"), ref.get("peak_mib")),
+    )
+
+
 def print_table(rows: list[dict]) -> None:
-    head = f"{'configuration':<36} {'impl':<9} {'fwd s':>8} {'bwd s':>8} {'f+b s':>8} {'peak MiB':>9}"
+    head = f"{'configuration':<36} {'impl':<12} {'fwd s':>8} {'bwd s':>8} {'f+b s':>8} {'peak MiB':>9}"
     print(head)
     print("-" * len(head))
     for row in rows:
-        for impl in IMPLS:
-            r = row[impl]
-            print(f"{row['label']:<36} {impl:<9} {_fmt(r.get('forward_s')):>8} {_fmt(r.get('backward_s')):>8} "
+        measured = [("reference", row["reference"], None), ("lean", row["lean"], row["ratios"])]
+        measured += [(name, v, v["ratios"]) for name, v in row.get("variants", {}).items()]
+        for name, r, q in measured:
+            print(f"{row['label']:<36} {name:<12} {_fmt(r.get('forward_s')):>8} {_fmt(r.get('backward_s')):>8} "
                   f"{_fmt(r.get('total_s')):>8} {_fmt(r.get('peak_mib'), digits=0):>9}")
-        q = row["ratios"]
-        print(f"{'':<36} {'speedup':<9} {_fmt(q['forward_speedup'], 'x', 2):>8} {_fmt(q['backward_speedup'], 'x', 2):>8} "
-              f"{_fmt(q['total_speedup'], 'x', 2):>8} {_fmt(q['memory_ratio'], 'x', 2):>9}")
-    print("speedup = reference time / lean time; memory = lean peak / reference peak")
+            if q:
+                print(f"{'':<36} {'  speedup':<12} {_fmt(q['forward_speedup'], 'x', 2):>8} "
+                      f"{_fmt(q['backward_speedup'], 'x', 2):>8} {_fmt(q['total_speedup'], 'x', 2):>8} "
+                      f"{_fmt(q['memory_ratio'], 'x', 2):>9}")
+            for p in r.get("profile", [])[:8]:
+                print(f"{'':<36} {'':<12} {p['self_ms']:>10.3f} ms {100 * p['share']:5.1f} % x{p['calls']:<4} {p['name'][:70]}")
+    print("speedup = reference time / this time; memory = this peak / reference peak")
 
 
 def main(argv=None) -> int:
@@ -278,6 +331,12 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=("layer", "network"), default=None)
     parser.add_argument("--stages", type=int, default=None, help="layer stages to run, from stage 0 (default 5; 2 with --quick)")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
+    parser.add_argument("--lean-variant", type=parse_variant, action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="also run the lean implementation with these environment variables (repeatable), "
+                             "e.g. chunked:DECONVER_NDC_FILTER_GRAD=chunked")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one iteration of every implementation (torch.profiler; top operators "
+                             "and kernels by self time, in the table and the JSON)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -291,29 +350,25 @@ def main(argv=None) -> int:
     args.net_repeats = args.net_repeats or (2 if args.quick else 3)
     configs = [c for c in configurations(args.device, args.quick, args.stages) if args.only in (None, c["kind"])]
     info = environment(args)
+    # (name, implementation, extra environment) of every measured run; ratios are against "reference"
+    runs = [(impl, impl, {}) for impl in IMPLS] + [(name, "lean", env) for name, env in args.lean_variant]
     rows = []
     for cfg in configs:
         load_before = os.getloadavg()
         res = {}
-        for impl in IMPLS:
-            res[impl] = run_worker(cfg, impl, "time", args)
-            print(f"  {label(cfg)} {impl}: {res[impl]['total_s']:.3f} s", file=sys.stderr, flush=True)
-        if args.device == "cpu" and not args.no_memory:
-            for impl in IMPLS:
-                res[impl].update(run_worker(cfg, impl, "memory", args))
-        ref, lean = res["reference"], res["lean"]
-
-        def ratio(a, b):
-            return None if a is None or b in (None, 0) else a / b
-
+        for name, impl, env in runs:
+            res[name] = run_worker(cfg, impl, "time", args, env)
+            print(f"  {label(cfg)} {name}: {res[name]['total_s']:.3f} s", file=sys.stderr, flush=True)
+        for name, impl, env in runs:
+            if args.device == "cpu" and not args.no_memory:
+                res[name].update(run_worker(cfg, impl, "memory", args, env))
+            if args.profile:
+                res[name].update(run_worker(cfg, impl, "profile", args, env))
+        ref = res["reference"]
         rows.append(dict(
-            label=label(cfg), config=cfg, reference=ref, lean=lean,
-            ratios=dict(
-                forward_speedup=ratio(ref["forward_s"], lean["forward_s"]),
-                backward_speedup=ratio(ref["backward_s"], lean["backward_s"]),
-                total_speedup=ratio(ref["total_s"], lean["total_s"]),
-                memory_ratio=ratio(lean.get("peak_mib"), ref.get("peak_mib")),
-            ),
+            label=label(cfg), config=cfg, reference=ref, lean=res["lean"], ratios=_ratios(ref, res["lean"]),
+            variants={name: dict(env=env, **res[name], ratios=_ratios(ref, res[name]))
+                      for name, _, env in runs[len(IMPLS):]},
             loadavg_before=load_before, loadavg_after=os.getloadavg(),
         ))
     print_table(rows)

@@ -18,6 +18,12 @@ convolutions with 1 -> sc channels per group run far below memory bandwidth):
   ``_k_kernel`` gives ``dL/dx = K(w)`` and ``dL/dK(s) = K(gd)``; ``_grad_s_kernel`` recomputes the
   quotient and writes ``dL/dz`` with the last filter-gradient partial sums. Partial sums are stored
   per program and reduced by ``torch.sum`` (deterministic, no atomics).
+* filter gradient, two strategies (``DECONVER_NDC_FILTER_GRAD``, :func:`filter_grad_mode`): ``inline``
+  (default, the one measured on a GPU) reduces each tap's products across the 512-voxel block inside
+  the two kernels above; ``chunked`` leaves them out and runs ``_filter_grad_kernel`` once per term
+  (``w``/``x``, ``gd``/``K(s)``, ``s``/``dL/dK(s)``), accumulating the products element-wise over
+  8192 voxels per program and reducing once at the end -- fewer cross-thread reductions for three more
+  reads of source-sized tensors. Which is faster is for ``benchmarks/ndc.py --lean-variant`` to say.
 
 Exactness: float32 throughout with per-voxel sums in a fixed order (no TF32); tested against the
 float64 reference under ``TRITON_INTERPRET=1`` on the CPU (tests/test_ndc_triton.py).
@@ -25,15 +31,19 @@ float64 reference under ``TRITON_INTERPRET=1`` on the CPU (tests/test_ndc_triton
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["update_forward", "update_backward", "supported"]
+__all__ = ["FILTER_GRAD_MODES", "filter_grad", "filter_grad_mode", "update_backward", "update_forward", "supported"]
 
-_BLOCK = 512  # voxels per program
+_BLOCK = 512  # voxels per program of the stencil kernels
+_TILE = 4096  # elements of _filter_grad_kernel's [sc, k^d, voxels] accumulator (about 32 registers per thread)
+_CHUNK_VOXELS = 8192  # voxels per program of _filter_grad_kernel
+FILTER_GRAD_MODES = ("inline", "chunked")
 
 
 def supported(x: Tensor, z: Tensor, h: Tensor, groups: int) -> bool:
@@ -209,6 +219,50 @@ def _grad_s_kernel(x_ptr, t_ptr, gt_ptr, z_ptr, g_ptr, h_ptr, gz_ptr, part_ptr, 
         tl.store(gz_ptr + idx, acc, mask=mask2)
 
 
+@triton.jit
+def _filter_grad_kernel(a_ptr, y_ptr, part_ptr, D, H, W, CHUNK, RELU: tl.constexpr, SC: tl.constexpr,
+                        SCP: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                        KVP: tl.constexpr, BV: tl.constexpr):
+    """part[bc, chunk, i, o] = sum over the chunk's voxels v of f(a[b, c*SC + i, v]) * y[b, c, v - (o - pad)]
+    (f = relu or identity): every filter tap's product is accumulated element-wise over ``CHUNK`` blocks
+    of ``BV`` voxels in a ``[SCP, KVP, BV]`` register tile and reduced across the block once, at the end."""
+    KV: tl.constexpr = KD * KH * KW
+    pid = tl.program_id(0)
+    bc = tl.program_id(1).to(tl.int64)
+    hw = H * W
+    V = D * hw
+    ii = tl.arange(0, SCP)
+    imask = ii < SC
+    oo = tl.arange(0, KVP)
+    omask = oo < KV
+    dd = KD // 2 - oo // (KH * KW)  # the tap's neighbour offset, as in _adjoints
+    dh = KH // 2 - (oo // KW) % KH
+    dw = KW // 2 - oo % KW
+    shift = dd * hw + dh * W + dw
+    a_rows = a_ptr + bc * SC * V + ii[:, None].to(tl.int64) * V
+    y_row = y_ptr + bc * V
+    acc = tl.zeros([SCP, KVP, BV], dtype=tl.float32)
+    for j in range(CHUNK):
+        offs = (pid * CHUNK + j) * BV + tl.arange(0, BV)
+        vmask = offs < V
+        d = offs // hw
+        r = offs - d * hw
+        yy = r // W
+        xx = r - yy * W
+        nd = d[None, :] + dd[:, None]
+        ny = yy[None, :] + dh[:, None]
+        nx = xx[None, :] + dw[:, None]
+        inside = (omask[:, None] & vmask[None, :] & (nd >= 0) & (nd < D) & (ny >= 0) & (ny < H)
+                  & (nx >= 0) & (nx < W))
+        yv = tl.load(y_row + offs[None, :] + shift[:, None], mask=inside, other=0.0)
+        av = tl.load(a_rows + offs[None, :], mask=imask[:, None] & vmask[None, :], other=0.0)
+        if RELU:
+            av = tl.maximum(av, 0.0)
+        acc += av[:, None, :] * yv[None, :, :]
+    part = part_ptr + (bc * tl.num_programs(0) + pid) * SC * KV
+    tl.store(part + ii[:, None] * KV + oo[None, :], tl.sum(acc, axis=2), mask=imask[:, None] & omask[None, :])
+
+
 # --------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------
@@ -247,6 +301,31 @@ def update_forward(x: Tensor, z: Tensor, h: Tensor, eps: float, relu_input: bool
     return out, t1
 
 
+def filter_grad_mode() -> str:
+    """How the fused backward takes the filter gradient: ``DECONVER_NDC_FILTER_GRAD`` = ``inline``
+    (default: per-block partial sums inside the stencil kernels, one reduction per tap and block) or
+    ``chunked`` (:func:`filter_grad`: a separate kernel per term that reduces once per chunk of voxels)."""
+    mode = os.environ.get("DECONVER_NDC_FILTER_GRAD", "inline")
+    if mode not in FILTER_GRAD_MODES:
+        raise ValueError(f"DECONVER_NDC_FILTER_GRAD={mode!r}: expected one of {', '.join(FILTER_GRAD_MODES)}")
+    return mode
+
+
+def filter_grad(a: Tensor, y: Tensor, h: Tensor, relu: bool) -> Tensor:
+    """``sum_b,v f(a[b, c*sc + i, v]) * y[b, c, v - (o - pad)]`` as a ``(C, sc, *k)`` filter gradient,
+    f = ReLU or identity: the gradient of ``<A(y), f(a)> = <y, K(f(a))>`` with respect to ``h``."""
+    (d, hh, w), (kd, kh, kw), meta = _geometry(y, h)
+    volume, kv, scp = d * hh * w, kd * kh * kw, meta["SCP"]
+    kvp = triton.next_power_of_2(kv)
+    bv = max(16, min(triton.next_power_of_2(volume), _TILE // (scp * kvp)))
+    chunk = max(1, min(triton.cdiv(volume, bv), _CHUNK_VOXELS // bv))
+    grid = (triton.cdiv(volume, chunk * bv), y.shape[0] * y.shape[1])
+    part = y.new_empty((y.shape[0], y.shape[1], grid[0], h.shape[1] * kv))
+    _filter_grad_kernel[grid](a, y, part, d, hh, w, chunk, RELU=relu, SC=meta["SC"], SCP=scp, KD=kd, KH=kh,
+                              KW=kw, KVP=kvp, BV=bv)
+    return part.sum(dim=(0, 2)).view(h.shape)
+
+
 def update_backward(g: Tensor, x: Tensor, z: Tensor, h: Tensor, t1: Tensor, eps: float, relu_input: bool,
                     need_x: bool, need_z: bool, need_h: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients ``(dL/dx, dL/dz, dL/dh)`` of :func:`update_forward`'s first output (``None`` where not
@@ -257,18 +336,25 @@ def update_backward(g: Tensor, x: Tensor, z: Tensor, h: Tensor, t1: Tensor, eps:
     grid = _grid(x, volume, meta["BLOCK"])
     c = x.shape[1]
     kv = meta["KD"] * meta["KH"] * meta["KW"]
-    part = x.new_empty((x.shape[0], c, grid[0], h.shape[1] * kv)) if need_h else x.new_empty(1)
+    inline = need_h and filter_grad_mode() == "inline"
+    part = x.new_empty((x.shape[0], c, grid[0], h.shape[1] * kv)) if inline else x.new_empty(1)
     w = torch.empty_like(z)
     gd = torch.empty_like(z)
-    _grad_a_kernel[grid](x, t1, z, g, h, w, gd, part, eps, d, hh, ww, c, RELU=relu_input, NEED_H=need_h, **meta)
-    gh = part.sum(dim=(0, 2)).view(h.shape) if need_h else None
+    _grad_a_kernel[grid](x, t1, z, g, h, w, gd, part, eps, d, hh, ww, c, RELU=relu_input, NEED_H=inline, **meta)
+    gh = None
+    if inline:
+        gh = part.sum(dim=(0, 2)).view(h.shape)
+    elif need_h:
+        gh = filter_grad(w, x, h, relu=False).add_(filter_grad(gd, t1, h, relu=False))
     gx = k_apply(w, h, relu=False) if need_x else None
     gt1 = k_apply(gd, h, relu=False)
     del gd
+    if need_h and not inline:
+        gh.add_(filter_grad(z, gt1, h, relu=relu_input))
     gz = w if need_z else None  # w is no longer needed: dL/dz is written over it
-    if need_z or need_h:
+    if need_z or inline:
         _grad_s_kernel[grid](x, t1, gt1, z, g, h, w, part, eps, d, hh, ww, c, RELU=relu_input, NEED_Z=need_z,
-                             NEED_H=need_h, **meta)
-        if need_h:
+                             NEED_H=inline, **meta)
+        if inline:
             gh = gh.add_(part.sum(dim=(0, 2)).view(h.shape))
     return gx, gz, gh
