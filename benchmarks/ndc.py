@@ -29,7 +29,7 @@ Usage::
     python benchmarks/ndc.py --quick          # small sizes, a minute or two
     python benchmarks/ndc.py --device cuda --out results/benchmarks/ndc_cuda.json
     python benchmarks/ndc.py --device cuda --only layer --stages 1 --profile \
-        --lean-variant chunked:DECONVER_NDC_FILTER_GRAD=chunked   # + per-kernel times, a variant
+        --lean-variant split:DECONVER_NDC_BACKWARD=split   # + per-kernel times, a variant
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def environment(args) -> dict:
         command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         # "0": the lean layer ran unfused (cuDNN) on CUDA; see deconver/nn/ndc_triton.py
         DECONVER_NDC_FUSED=os.environ.get("DECONVER_NDC_FUSED", "1"),
-        DECONVER_NDC_FILTER_GRAD=os.environ.get("DECONVER_NDC_FILTER_GRAD", "inline"),  # lean runs; see --lean-variant
+        DECONVER_NDC_BACKWARD=os.environ.get("DECONVER_NDC_BACKWARD", "inline"),  # lean runs; see --lean-variant
     )
     try:
         info["cpu_model"] = next(
@@ -282,7 +282,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     if not name or name in IMPLS or not pairs or any(not k or not eq for k, eq, _ in pairs):
         raise argparse.ArgumentTypeError(
             f"--lean-variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...] with a NAME other than "
-            f"{' or '.join(IMPLS)}, e.g. chunked:DECONVER_NDC_FILTER_GRAD=chunked")
+            f"{' or '.join(IMPLS)}, e.g. split:DECONVER_NDC_BACKWARD=split")
     return name, {k: v for k, _, v in pairs}
 
 
@@ -333,7 +333,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
     parser.add_argument("--lean-variant", type=parse_variant, action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="also run the lean implementation with these environment variables (repeatable), "
-                             "e.g. chunked:DECONVER_NDC_FILTER_GRAD=chunked")
+                             "e.g. split:DECONVER_NDC_BACKWARD=split")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one iteration of every implementation (torch.profiler; top operators "
                              "and kernels by self time, in the table and the JSON)")

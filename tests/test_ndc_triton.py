@@ -39,13 +39,13 @@ def _rel(a, b):
      ((3, 4, 5), 2, 1, 3, True, (True, True, True)), ((4, 5, 3), 2, 4, 3, True, (False, False, True)),
      ((4, 5, 3), 2, 4, 3, True, (True, True, False))],
 )
-@pytest.mark.parametrize("mode", ["inline", "chunked"])
+@pytest.mark.parametrize("mode", ["inline", "split"])
 def test_kernels_match_float64_lean_update(kernels, spatial, channels, sc, kernel, relu_input, needs, mode,
                                            monkeypatch):
     """Forward and the requested gradients of one update equal the float64 lean node (1e-6 relative),
-    with either way of taking the filter gradient (DECONVER_NDC_FILTER_GRAD)."""
-    monkeypatch.setenv("DECONVER_NDC_FILTER_GRAD", mode)
-    if mode == "chunked":  # the separate filter-gradient kernel really runs, and only for dL/dh
+    with either backward strategy (DECONVER_NDC_BACKWARD)."""
+    monkeypatch.setenv("DECONVER_NDC_BACKWARD", mode)
+    if mode == "split":  # the separate filter-gradient kernel really runs, and only for dL/dh
         monkeypatch.setattr(kernels, "filter_grad", _counted(kernels.filter_grad, calls := []))
     torch.manual_seed(0)
     d = len(spatial)
@@ -70,8 +70,8 @@ def test_kernels_match_float64_lean_update(kernels, spatial, channels, sc, kerne
             assert got.shape == want.shape and _rel(got.cpu(), want) <= 1e-6
         else:
             assert got is None
-    if mode == "chunked":
-        assert len(calls) == (3 if need_h else 0)
+    if mode == "split":
+        assert len(calls) == (2 if need_h else 0)
 
 
 def _counted(fn, calls):
@@ -82,26 +82,31 @@ def _counted(fn, calls):
     return wrapper
 
 
-@pytest.mark.parametrize("spatial,sc,kernel,relu", [((20, 20, 21), 4, 3, True), ((3, 40), 3, 5, False),
-                                                    ((300,), 1, 3, True)])
-def test_filter_grad_matches_float64_autograd(kernels, spatial, sc, kernel, relu):
-    """The chunked filter-gradient kernel equals autograd's gradient of <A(y), f(a)> in float64 (1e-6),
-    across several chunks with a partial last block (20*20*21 voxels: 2 chunks of 8192)."""
+@pytest.mark.parametrize("spatial,sc,kernel,relu,pair", [((20, 20, 21), 4, 3, True, False),
+                                                         ((20, 20, 21), 4, 3, False, True),
+                                                         ((3, 40), 3, 5, False, True), ((300,), 1, 3, True, False)])
+def test_filter_grad_matches_float64_autograd(kernels, spatial, sc, kernel, relu, pair):
+    """The filter-gradient kernel equals autograd's gradient of <A(y), f(a)> (pair: minus <A(y2), a*b>)
+    in float64 (1e-6), across several chunks with a partial last block (20*20*21 voxels: 2 chunks)."""
     torch.manual_seed(3)
     channels, d = 3, len(spatial)
-    a = torch.randn(2, channels * sc, *spatial, dtype=torch.float64)
-    y = torch.randn(2, channels, *spatial, dtype=torch.float64)
+    a, b = (torch.randn(2, channels * sc, *spatial, dtype=torch.float64) for _ in range(2))
+    y, y2 = (torch.randn(2, channels, *spatial, dtype=torch.float64) for _ in range(2))
     h = torch.rand(channels, sc, *[kernel] * d, dtype=torch.float64, requires_grad=True)
-    (want,) = torch.autograd.grad((ndc_adjoint(y, h, channels) * (a.clamp_min(0) if relu else a)).sum(), h)
-    got = kernels.filter_grad(a.float().to(DEVICE), y.float().to(DEVICE), h.detach().float().to(DEVICE), relu)
+    objective = (ndc_adjoint(y, h, channels) * (a.clamp_min(0) if relu else a)).sum()
+    if pair:
+        objective = objective - (ndc_adjoint(y2, h, channels) * a * b).sum()
+    (want,) = torch.autograd.grad(objective, h)
+    a, b, y, y2, h32 = (t.detach().float().to(DEVICE) for t in (a, b, y, y2, h))
+    got = kernels.filter_grad(a, y, h32, relu, b=b, y2=y2) if pair else kernels.filter_grad(a, y, h32, relu)
     assert got.shape == h.shape and _rel(got.cpu(), want) <= 1e-6
 
 
-def test_filter_grad_mode_is_checked(kernels, monkeypatch):
-    """An unknown DECONVER_NDC_FILTER_GRAD is an error that names the variable and the choices."""
-    monkeypatch.setenv("DECONVER_NDC_FILTER_GRAD", "fast")
-    with pytest.raises(ValueError, match="DECONVER_NDC_FILTER_GRAD='fast'.*inline, chunked"):
-        kernels.filter_grad_mode()
+def test_backward_mode_is_checked(kernels, monkeypatch):
+    """An unknown DECONVER_NDC_BACKWARD is an error that names the variable and the choices."""
+    monkeypatch.setenv("DECONVER_NDC_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="DECONVER_NDC_BACKWARD='fast'.*inline, split"):
+        kernels.backward_mode()
 
 
 @pytest.mark.parametrize("batch,num_iters", [(1, 1), (2, 2)])

@@ -18,12 +18,16 @@ convolutions with 1 -> sc channels per group run far below memory bandwidth):
   ``_k_kernel`` gives ``dL/dx = K(w)`` and ``dL/dK(s) = K(gd)``; ``_grad_s_kernel`` recomputes the
   quotient and writes ``dL/dz`` with the last filter-gradient partial sums. Partial sums are stored
   per program and reduced by ``torch.sum`` (deterministic, no atomics).
-* filter gradient, two strategies (``DECONVER_NDC_FILTER_GRAD``, :func:`filter_grad_mode`): ``inline``
-  (default, the one measured on a GPU) reduces each tap's products across the 512-voxel block inside
-  the two kernels above; ``chunked`` leaves them out and runs ``_filter_grad_kernel`` once per term
-  (``w``/``x``, ``gd``/``K(s)``, ``s``/``dL/dK(s)``), accumulating the products element-wise over
-  8192 voxels per program and reducing once at the end -- fewer cross-thread reductions for three more
-  reads of source-sized tensors. Which is faster is for ``benchmarks/ndc.py --lean-variant`` to say.
+* backward, two strategies (``DECONVER_NDC_BACKWARD``, :func:`backward_mode`). ``inline`` (default,
+  the one timed on a GPU): as above, filter-gradient partial sums reduced across the 512-voxel block for
+  every tap inside ``_grad_a_kernel`` and ``_grad_s_kernel``. ``split``: ``_grad_a_kernel`` stores
+  ``R = Nn / Dn`` instead of ``gd = -w * R``; ``_k_pair_kernel`` gives ``K(w)`` and ``K(-w * R)`` in one
+  pass; ``_grad_s_kernel`` reads ``R`` instead of recomputing both adjoints; the filter gradient is
+  left to ``_filter_grad_kernel`` (the two adjoint terms in one pass, the ``K`` term in another),
+  which accumulates every tap's products element-wise over 8192 voxels per program and reduces once.
+  Eight stencil passes instead of ten, no barrier per tap, and no kernel above 255 registers
+  (``benchmarks/ndc_kernels.py`` gives the static counts); which is faster on a GPU is for
+  ``benchmarks/ndc.py --lean-variant split:DECONVER_NDC_BACKWARD=split`` to say.
 
 Exactness: float32 throughout with per-voxel sums in a fixed order (no TF32); tested against the
 float64 reference under ``TRITON_INTERPRET=1`` on the CPU (tests/test_ndc_triton.py).
@@ -38,12 +42,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["FILTER_GRAD_MODES", "filter_grad", "filter_grad_mode", "update_backward", "update_forward", "supported"]
+__all__ = ["BACKWARD_MODES", "backward_mode", "filter_grad", "update_backward", "update_forward", "supported"]
 
 _BLOCK = 512  # voxels per program of the stencil kernels
+_K_PAIR_BLOCK = 128  # voxels per program of _k_pair_kernel (512 spills registers to local memory on sm_90)
 _TILE = 4096  # elements of _filter_grad_kernel's [sc, k^d, voxels] accumulator (about 32 registers per thread)
 _CHUNK_VOXELS = 8192  # voxels per program of _filter_grad_kernel
-FILTER_GRAD_MODES = ("inline", "chunked")
+BACKWARD_MODES = ("inline", "split")
 
 
 def supported(x: Tensor, z: Tensor, h: Tensor, groups: int) -> bool:
@@ -116,6 +121,33 @@ def _k_kernel(src_ptr, h_ptr, out_ptr, D, H, W, C, RELU: tl.constexpr, SC: tl.co
 
 
 @triton.jit
+def _k_pair_kernel(w_ptr, r_ptr, h_ptr, gx_ptr, gt_ptr, D, H, W, C, NEED_X: tl.constexpr, SC: tl.constexpr,
+                   SCP: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """gx = K(w) (with NEED_X) and gt = K(-w * r) in one pass over the stencil (the backward's dL/dx
+    and dL/dK(s) from w = dL/dA(x) and R = Nn / Dn)."""
+    pid_v, bc, c, V, offs, vmask, ii, imask = _program(D, H, W, C, SC, SCP, BLOCK)
+    w_src = w_ptr + bc * SC * V + ii[:, None].to(tl.int64) * V
+    r_src = r_ptr + bc * SC * V + ii[:, None].to(tl.int64) * V
+    hrow = h_ptr + c * SC * (KD * KH * KW) + ii * (KD * KH * KW)
+    acc_x = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK], dtype=tl.float32)
+    for kd in tl.static_range(KD):
+        for kh in tl.static_range(KH):
+            for kw in tl.static_range(KW):
+                nb, inside = _neighbour(offs, vmask, D, H, W, kd - KD // 2, kh - KH // 2, kw - KW // 2)
+                m = imask[:, None] & inside[None, :]
+                hw_ = tl.load(hrow + (kd * KH + kh) * KW + kw, mask=imask, other=0.0)[:, None] * tl.load(
+                    w_src + nb[None, :], mask=m, other=0.0)
+                if NEED_X:
+                    acc_x += tl.sum(hw_, axis=0)
+                acc_t -= tl.sum(hw_ * tl.load(r_src + nb[None, :], mask=m, other=0.0), axis=0)
+    if NEED_X:
+        tl.store(gx_ptr + bc * V + offs, acc_x, mask=vmask)
+    tl.store(gt_ptr + bc * V + offs, acc_t, mask=vmask)
+
+
+@triton.jit
 def _adjoints(x_row, t_row, hrow, offs, vmask, imask, D, H, W, SCP: tl.constexpr, KD: tl.constexpr,
               KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr):
     """A(x) and A(t) for the SC source channels of one group: sum_o h[c, i, o] * y[v - (o - pad)]."""
@@ -149,11 +181,12 @@ def _update_kernel(x_ptr, t_ptr, z_ptr, h_ptr, out_ptr, eps, D, H, W, C, RELU: t
 
 @triton.jit
 def _grad_a_kernel(x_ptr, t_ptr, z_ptr, g_ptr, h_ptr, w_ptr, gd_ptr, part_ptr, eps, D, H, W, C,
-                   RELU: tl.constexpr, NEED_H: tl.constexpr, SC: tl.constexpr, SCP: tl.constexpr,
-                   KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr):
-    """w = g * s / Dn (dL/dA(x)), gd = -w * Nn / Dn (dL/dA(t)); with NEED_H, this program's part of
-    sum_v w[i, v] x[v - (o - pad)] + gd[i, v] t[v - (o - pad)] per (i, o) (the filter gradient
-    through both adjoints)."""
+                   RELU: tl.constexpr, NEED_H: tl.constexpr, STORE_R: tl.constexpr, SC: tl.constexpr,
+                   SCP: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """w = g * s / Dn (dL/dA(x)) and gd = -w * R (dL/dA(t)), R = Nn / Dn; with STORE_R, R instead of
+    gd. With NEED_H, this program's part of sum_v w[i, v] x[v - (o - pad)] + gd[i, v] t[v - (o - pad)]
+    per (i, o) (the filter gradient through both adjoints)."""
     pid_v, bc, c, V, offs, vmask, ii, imask = _program(D, H, W, C, SC, SCP, BLOCK)
     KV: tl.constexpr = KD * KH * KW
     hrow = h_ptr + c * SC * KV + ii * KV
@@ -167,9 +200,10 @@ def _grad_a_kernel(x_ptr, t_ptr, z_ptr, g_ptr, h_ptr, w_ptr, gd_ptr, part_ptr, e
     g = tl.load(g_ptr + idx, mask=mask2, other=0.0)
     den = den + eps
     w = g * s / den
-    gd = -w * ((num + eps) / den)
+    r = (num + eps) / den
+    gd = -w * r
     tl.store(w_ptr + idx, w, mask=mask2)
-    tl.store(gd_ptr + idx, gd, mask=mask2)
+    tl.store(gd_ptr + idx, r if STORE_R else gd, mask=mask2)
     if NEED_H:
         part = part_ptr + (bc * tl.num_programs(0) + pid_v) * SC * KV + ii * KV
         for kd in tl.static_range(KD):
@@ -182,12 +216,13 @@ def _grad_a_kernel(x_ptr, t_ptr, z_ptr, g_ptr, h_ptr, w_ptr, gd_ptr, part_ptr, e
 
 
 @triton.jit
-def _grad_s_kernel(x_ptr, t_ptr, gt_ptr, z_ptr, g_ptr, h_ptr, gz_ptr, part_ptr, eps, D, H, W, C,
-                   RELU: tl.constexpr, NEED_Z: tl.constexpr, NEED_H: tl.constexpr, SC: tl.constexpr,
-                   SCP: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+def _grad_s_kernel(x_ptr, t_ptr, r_ptr, gt_ptr, z_ptr, g_ptr, h_ptr, gz_ptr, part_ptr, eps, D, H, W, C,
+                   RELU: tl.constexpr, NEED_Z: tl.constexpr, NEED_H: tl.constexpr, R_SAVED: tl.constexpr,
+                   SC: tl.constexpr, SCP: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                    BLOCK: tl.constexpr):
-    """dL/dz = (g * Nn / Dn + A(gt)) * [z > 0 if RELU], gt = dL/dK(s); with NEED_H, this program's
-    part of sum_v s[i, v] gt[v - (o - pad)] per (i, o) (the filter gradient through K)."""
+    """dL/dz = (g * R + A(gt)) * [z > 0 if RELU], gt = dL/dK(s), R = Nn / Dn (read from ``r_ptr`` with
+    R_SAVED, else recomputed from x and t); with NEED_H, this program's part of
+    sum_v s[i, v] gt[v - (o - pad)] per (i, o) (the filter gradient through K)."""
     pid_v, bc, c, V, offs, vmask, ii, imask = _program(D, H, W, C, SC, SCP, BLOCK)
     KV: tl.constexpr = KD * KH * KW
     hrow = h_ptr + c * SC * KV + ii * KV
@@ -210,22 +245,29 @@ def _grad_s_kernel(x_ptr, t_ptr, gt_ptr, z_ptr, g_ptr, h_ptr, gz_ptr, part_ptr, 
                 if NEED_H:
                     tl.store(part + (kd * KH + kh) * KW + kw, tl.sum(s * gv, axis=1), mask=imask)
     if NEED_Z:
-        num, den = _adjoints(x_ptr + bc * V, t_ptr + bc * V, hrow, offs, vmask, imask, D, H, W, SCP, KD,
-                             KH, KW, BLOCK)
+        if R_SAVED:
+            r = tl.load(r_ptr + idx, mask=mask2, other=0.0)
+        else:
+            num, den = _adjoints(x_ptr + bc * V, t_ptr + bc * V, hrow, offs, vmask, imask, D, H, W, SCP, KD,
+                                 KH, KW, BLOCK)
+            r = (num + eps) / (den + eps)
         g = tl.load(g_ptr + idx, mask=mask2, other=0.0)
-        acc += g * ((num + eps) / (den + eps))
+        acc += g * r
         if RELU:
             acc = tl.where(z > 0.0, acc, 0.0)
         tl.store(gz_ptr + idx, acc, mask=mask2)
 
 
 @triton.jit
-def _filter_grad_kernel(a_ptr, y_ptr, part_ptr, D, H, W, CHUNK, RELU: tl.constexpr, SC: tl.constexpr,
-                        SCP: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                        KVP: tl.constexpr, BV: tl.constexpr):
-    """part[bc, chunk, i, o] = sum over the chunk's voxels v of f(a[b, c*SC + i, v]) * y[b, c, v - (o - pad)]
-    (f = relu or identity): every filter tap's product is accumulated element-wise over ``CHUNK`` blocks
-    of ``BV`` voxels in a ``[SCP, KVP, BV]`` register tile and reduced across the block once, at the end."""
+def _filter_grad_kernel(a_ptr, b_ptr, y_ptr, y2_ptr, part_ptr, D, H, W, ROWS, RELU: tl.constexpr,
+                        PAIR: tl.constexpr, SC: tl.constexpr, SCP: tl.constexpr, KD: tl.constexpr,
+                        KH: tl.constexpr, KW: tl.constexpr, KVP: tl.constexpr, BV: tl.constexpr):
+    """part[bc, chunk, i, o] = sum over the chunk's voxels v of f(a[i, v]) * y[v - (o - pad)] (f = relu
+    or identity), with PAIR minus a[i, v] b[i, v] y2[v - (o - pad)] (source rows ``b * C * SC + c * SC + i``,
+    channel rows ``b * C + c``). A program's chunk is ``ROWS`` rows of the contiguous axis, walked in
+    blocks of ``BV`` voxels (no block crosses a row: the taps' depth/height bounds are checked once per
+    row, and no integer division runs in the loops); every tap's product is accumulated element-wise
+    in a ``[SCP, KVP, BV]`` register tile and reduced once, at the end."""
     KV: tl.constexpr = KD * KH * KW
     pid = tl.program_id(0)
     bc = tl.program_id(1).to(tl.int64)
@@ -240,25 +282,34 @@ def _filter_grad_kernel(a_ptr, y_ptr, part_ptr, D, H, W, CHUNK, RELU: tl.constex
     dw = KW // 2 - oo % KW
     shift = dd * hw + dh * W + dw
     a_rows = a_ptr + bc * SC * V + ii[:, None].to(tl.int64) * V
+    b_rows = b_ptr + bc * SC * V + ii[:, None].to(tl.int64) * V
     y_row = y_ptr + bc * V
+    y2_row = y2_ptr + bc * V
     acc = tl.zeros([SCP, KVP, BV], dtype=tl.float32)
-    for j in range(CHUNK):
-        offs = (pid * CHUNK + j) * BV + tl.arange(0, BV)
-        vmask = offs < V
-        d = offs // hw
-        r = offs - d * hw
-        yy = r // W
-        xx = r - yy * W
-        nd = d[None, :] + dd[:, None]
-        ny = yy[None, :] + dh[:, None]
-        nx = xx[None, :] + dw[:, None]
-        inside = (omask[:, None] & vmask[None, :] & (nd >= 0) & (nd < D) & (ny >= 0) & (ny < H)
-                  & (nx >= 0) & (nx < W))
-        yv = tl.load(y_row + offs[None, :] + shift[:, None], mask=inside, other=0.0)
-        av = tl.load(a_rows + offs[None, :], mask=imask[:, None] & vmask[None, :], other=0.0)
-        if RELU:
-            av = tl.maximum(av, 0.0)
-        acc += av[:, None, :] * yv[None, :, :]
+    row = pid * ROWS
+    d = row // H
+    yy = row - d * H
+    for _ in range(ROWS):
+        tap_ok = omask & (d + dd >= 0) & (d + dd < D) & (yy + dh >= 0) & (yy + dh < H) & (row < D * H)
+        for x0 in range(0, W, BV):
+            xs = x0 + tl.arange(0, BV)
+            vmask = (xs < W) & (row < D * H)
+            offs = row * W + xs
+            nx = xs[None, :] + dw[:, None]
+            inside = tap_ok[:, None] & (xs < W)[None, :] & (nx >= 0) & (nx < W)
+            nb = offs[None, :] + shift[:, None]
+            amask = imask[:, None] & vmask[None, :]
+            av = tl.load(a_rows + offs[None, :], mask=amask, other=0.0)
+            if RELU:
+                av = tl.maximum(av, 0.0)
+            acc += av[:, None, :] * tl.load(y_row + nb, mask=inside, other=0.0)[None, :, :]
+            if PAIR:
+                ab = av * tl.load(b_rows + offs[None, :], mask=amask, other=0.0)
+                acc -= ab[:, None, :] * tl.load(y2_row + nb, mask=inside, other=0.0)[None, :, :]
+        row += 1
+        wrap = (yy == H - 1).to(tl.int32)  # the next row starts the next depth slice
+        d += wrap
+        yy = (yy + 1) * (1 - wrap)
     part = part_ptr + (bc * tl.num_programs(0) + pid) * SC * KV
     tl.store(part + ii[:, None] * KV + oo[None, :], tl.sum(acc, axis=2), mask=imask[:, None] & omask[None, :])
 
@@ -301,60 +352,80 @@ def update_forward(x: Tensor, z: Tensor, h: Tensor, eps: float, relu_input: bool
     return out, t1
 
 
-def filter_grad_mode() -> str:
-    """How the fused backward takes the filter gradient: ``DECONVER_NDC_FILTER_GRAD`` = ``inline``
-    (default: per-block partial sums inside the stencil kernels, one reduction per tap and block) or
-    ``chunked`` (:func:`filter_grad`: a separate kernel per term that reduces once per chunk of voxels)."""
-    mode = os.environ.get("DECONVER_NDC_FILTER_GRAD", "inline")
-    if mode not in FILTER_GRAD_MODES:
-        raise ValueError(f"DECONVER_NDC_FILTER_GRAD={mode!r}: expected one of {', '.join(FILTER_GRAD_MODES)}")
+def backward_mode() -> str:
+    """The fused backward's strategy, ``DECONVER_NDC_BACKWARD``: ``inline`` (default) or ``split``
+    (see the module docstring); anything else is an error naming the variable and the choices."""
+    mode = os.environ.get("DECONVER_NDC_BACKWARD", "inline")
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"DECONVER_NDC_BACKWARD={mode!r}: expected one of {', '.join(BACKWARD_MODES)}")
     return mode
 
 
-def filter_grad(a: Tensor, y: Tensor, h: Tensor, relu: bool) -> Tensor:
-    """``sum_b,v f(a[b, c*sc + i, v]) * y[b, c, v - (o - pad)]`` as a ``(C, sc, *k)`` filter gradient,
-    f = ReLU or identity: the gradient of ``<A(y), f(a)> = <y, K(f(a))>`` with respect to ``h``."""
+def filter_grad_launch(y: Tensor, h: Tensor) -> dict:
+    """Launch configuration of ``_filter_grad_kernel`` for channel-sized ``y`` and filter ``h``: its
+    constants (``meta``), rows per program (``rows``), ``grid`` and ``num_warps``."""
     (d, hh, w), (kd, kh, kw), meta = _geometry(y, h)
-    volume, kv, scp = d * hh * w, kd * kh * kw, meta["SCP"]
-    kvp = triton.next_power_of_2(kv)
-    bv = max(16, min(triton.next_power_of_2(volume), _TILE // (scp * kvp)))
-    chunk = max(1, min(triton.cdiv(volume, bv), _CHUNK_VOXELS // bv))
-    grid = (triton.cdiv(volume, chunk * bv), y.shape[0] * y.shape[1])
-    part = y.new_empty((y.shape[0], y.shape[1], grid[0], h.shape[1] * kv))
-    _filter_grad_kernel[grid](a, y, part, d, hh, w, chunk, RELU=relu, SC=meta["SC"], SCP=scp, KD=kd, KH=kh,
-                              KW=kw, KVP=kvp, BV=bv)
+    scp, kvp = meta["SCP"], triton.next_power_of_2(kd * kh * kw)
+    bv = max(16, min(triton.next_power_of_2(w), _TILE // (scp * kvp)))
+    rows = max(1, min(d * hh, _CHUNK_VOXELS // (triton.cdiv(w, bv) * bv)))
+    return dict(meta=dict(SC=meta["SC"], SCP=scp, KD=kd, KH=kh, KW=kw, KVP=kvp, BV=bv), rows=rows,
+                grid=(triton.cdiv(d * hh, rows), y.shape[0] * y.shape[1]), num_warps=4)
+
+
+def filter_grad(a: Tensor, y: Tensor, h: Tensor, relu: bool, b: Tensor | None = None,
+                y2: Tensor | None = None) -> Tensor:
+    """``sum_b,v f(a[b, c*sc + i, v]) * y[b, c, v - (o - pad)]`` as a ``(C, sc, *k)`` filter gradient,
+    f = ReLU or identity: the gradient of ``<A(y), f(a)> = <y, K(f(a))>`` with respect to ``h``; with
+    ``b`` and ``y2``, minus the same sum of ``a * b`` and ``y2`` (both adjoints' terms in one pass)."""
+    launch = filter_grad_launch(y, h)
+    grid, meta = launch["grid"], launch["meta"]
+    d, hh, w = _geometry(y, h)[0]
+    part = y.new_empty((y.shape[0], y.shape[1], grid[0], h.shape[1] * meta["KD"] * meta["KH"] * meta["KW"]))
+    pair = b is not None
+    _filter_grad_kernel[grid](a, b if pair else a, y, y2 if pair else y, part, d, hh, w, launch["rows"], RELU=relu,
+                              PAIR=pair, num_warps=launch["num_warps"], **meta)
     return part.sum(dim=(0, 2)).view(h.shape)
 
 
 def update_backward(g: Tensor, x: Tensor, z: Tensor, h: Tensor, t1: Tensor, eps: float, relu_input: bool,
                     need_x: bool, need_z: bool, need_h: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients ``(dL/dx, dL/dz, dL/dh)`` of :func:`update_forward`'s first output (``None`` where not
-    needed). Work memory: three source-sized buffers (``w``, ``gd``; ``dL/dz`` reuses ``w``'s)."""
+    needed), by the strategy :func:`backward_mode` names. Work memory: three source-sized buffers."""
     g = g.contiguous()
     (d, hh, ww), _, meta = _geometry(x, h)
-    volume = d * hh * ww
-    grid = _grid(x, volume, meta["BLOCK"])
+    grid = _grid(x, d * hh * ww, meta["BLOCK"])
     c = x.shape[1]
     kv = meta["KD"] * meta["KH"] * meta["KW"]
-    inline = need_h and filter_grad_mode() == "inline"
+    split = backward_mode() == "split"
+    inline = need_h and not split
     part = x.new_empty((x.shape[0], c, grid[0], h.shape[1] * kv)) if inline else x.new_empty(1)
     w = torch.empty_like(z)
-    gd = torch.empty_like(z)
-    _grad_a_kernel[grid](x, t1, z, g, h, w, gd, part, eps, d, hh, ww, c, RELU=relu_input, NEED_H=inline, **meta)
-    gh = None
+    gd = torch.empty_like(z)  # split: R = N / D
+    _grad_a_kernel[grid](x, t1, z, g, h, w, gd, part, eps, d, hh, ww, c, RELU=relu_input, NEED_H=inline,
+                         STORE_R=split, **meta)
+    gx = gh = None
+    if split:
+        r = gd
+        gt1 = torch.empty_like(x)
+        gx = torch.empty_like(x) if need_x else gt1
+        _k_pair_kernel[_grid(x, d * hh * ww, _K_PAIR_BLOCK)](w, r, h, gx, gt1, d, hh, ww, c, NEED_X=need_x,
+                                                             **dict(meta, BLOCK=_K_PAIR_BLOCK))
+        gx = gx if need_x else None
+        if need_h:
+            gh = filter_grad(w, x, h, relu=False, b=r, y2=t1).add_(filter_grad(z, gt1, h, relu=relu_input))
+        if need_z:  # dL/dz over w's buffer
+            _grad_s_kernel[grid](x, t1, r, gt1, z, g, h, w, part, eps, d, hh, ww, c, RELU=relu_input, NEED_Z=True,
+                                 NEED_H=False, R_SAVED=True, **meta)
+        return gx, (w if need_z else None), gh
     if inline:
         gh = part.sum(dim=(0, 2)).view(h.shape)
-    elif need_h:
-        gh = filter_grad(w, x, h, relu=False).add_(filter_grad(gd, t1, h, relu=False))
     gx = k_apply(w, h, relu=False) if need_x else None
     gt1 = k_apply(gd, h, relu=False)
     del gd
-    if need_h and not inline:
-        gh.add_(filter_grad(z, gt1, h, relu=relu_input))
     gz = w if need_z else None  # w is no longer needed: dL/dz is written over it
     if need_z or inline:
-        _grad_s_kernel[grid](x, t1, gt1, z, g, h, w, part, eps, d, hh, ww, c, RELU=relu_input, NEED_Z=need_z,
-                             NEED_H=inline, **meta)
+        _grad_s_kernel[grid](x, t1, x, gt1, z, g, h, w, part, eps, d, hh, ww, c, RELU=relu_input, NEED_Z=need_z,
+                             NEED_H=inline, R_SAVED=False, **meta)
         if inline:
             gh = gh.add_(part.sum(dim=(0, 2)).view(h.shape))
     return gx, gz, gh
