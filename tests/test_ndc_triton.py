@@ -149,3 +149,31 @@ def test_unsupported_geometry_and_switch_fall_back(kernels, monkeypatch):
     monkeypatch.delenv("DECONVER_NDC_FUSED")
     with pytest.raises(AssertionError, match="fused kernels used"):
         NDC(4, 3, spatial_dims=3).to(DEVICE)(x)
+
+
+@pytest.mark.parametrize("geometry", [[], ["--sc", "1", "--kernel", "5", "--dims", "2", "--size", "40"]])
+def test_every_kernel_compiles_for_sm90(tmp_path, geometry):
+    """benchmarks/ndc_kernels.py compiles every kernel (both backward strategies) to sm_90 SASS with the
+    ptxas in the Triton wheel, no GPU needed: a kernel that only the interpreter accepts fails here.
+    Its loop accounting must match the SASS (the tool refuses otherwise)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton wheel has no ptxas")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "kernels.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, root / "benchmarks" / "ndc_kernels.py", "--out", out, *geometry],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["arch"] == "sm_90" and len(report["kernels"]) == 10
+    for kernel in report["kernels"]:
+        assert 0 < kernel["registers"] <= 255 and kernel["per_voxel"]["instructions"] > 0, kernel["label"]
+    assert set(report["totals_per_voxel"]) == {"forward", "inline", "split"}
