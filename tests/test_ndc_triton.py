@@ -133,6 +133,21 @@ def test_layer_on_fused_path_matches_reference(kernels, batch, num_iters, monkey
         assert _rel(got, want) <= 1e-5
 
 
+def test_autocast_keeps_the_fused_path_in_float32(kernels, monkeypatch):
+    """Under autocast (bfloat16) the layer leaves autocast and the fused float32 kernels run: the output
+    is float32 and equals the same layer without autocast (1e-6)."""
+    calls = []
+    forward = kernels.update_forward
+    monkeypatch.setattr(kernels, "update_forward", lambda *a: calls.append(a[0].dtype) or forward(*a))
+    torch.manual_seed(4)
+    layer = NDC(4, 3, ratio=2, spatial_dims=3).to(DEVICE)
+    x = torch.rand(1, 4, 5, 6, 4, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32 and calls == [torch.float32]
+    assert _rel(y, layer(x)) <= 1e-6
+
+
 def test_unsupported_geometry_and_switch_fall_back(kernels, monkeypatch):
     """Grouped (not depth-wise) filters, float64 and DECONVER_NDC_FUSED=0 take the unfused lean path."""
 
