@@ -140,7 +140,8 @@ def resident_warps(registers: int, warps: int) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
+    parser.add_argument("--arch", type=int, default=90,
+                        help="compute capability x10 (90: H100/H200, 80: A100; read back for 75, 80, 89 and 90)")
     parser.add_argument("--sc", type=int, default=4, help="source channels per group (the NDC ratio)")
     parser.add_argument("--kernel", type=int, default=3, help="filter size k")
     parser.add_argument("--dims", type=int, default=3, choices=(1, 2, 3))
