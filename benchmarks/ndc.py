@@ -93,13 +93,16 @@ def _rss_kib(field: str) -> int:
 def _profile(step, dev, top: int = 15) -> list[dict]:
     """The ``top`` operators and kernels of one iteration by self time on the device (CPU: on the CPU),
     from ``torch.profiler``: name, calls, self milliseconds and share of the iteration's total."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=activities) as prof:
         step()
     key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    # on CUDA only the kernels themselves (an operator's self device time repeats its kernels')
+    kind = torch.autograd.DeviceType.CUDA if dev.type == "cuda" else torch.autograd.DeviceType.CPU
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0 and e.device_type == kind]
     total = sum(getattr(e, key) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     return [dict(name=e.key, calls=e.count, self_ms=round(getattr(e, key) / 1e3, 3),
