@@ -29,10 +29,16 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret (read when the kernels are defined)
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from deconver.nn import ndc_triton as kt  # noqa: E402
 from ndc import write_json_atomically  # noqa: E402
 
 COUNTED = ("LDG", "STG", "FFMA", "SHFL", "BAR", "STS", "LDS")
@@ -74,10 +80,6 @@ def _counts(lines) -> dict:
 
 def compile_report(fn, consts: dict, num_warps: int, arch: int) -> dict:
     """Compile ``fn`` for ``sm_<arch>`` and read its resources and static instruction counts."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     src = ASTSource(fn=fn, signature=_signature(fn, consts), constexprs=consts)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -98,10 +100,6 @@ def kernel_specs(sc: int, k: int, dims: int, size: int) -> list[tuple]:
     """(label, kernel, constants, warps, voxels per program, trips of each loop per program, innermost
     first) as the launchers run them for one depth-wise layer with ``sc`` source channels per group and
     a ``k^dims`` filter on ``size^dims``."""
-    import torch
-
-    from deconver.nn import ndc_triton as kt
-
     shape = (1, 1, *[size] * dims)
     x = torch.empty(shape, device="meta")
     h = torch.empty((1, sc, *[k] * dims), device="meta")
@@ -185,7 +183,6 @@ def main(argv=None) -> int:
               f"{t['LDG']:>5.1f} {t['FFMA']:>5.1f} {t['SHFL']:>5.1f} {t['BAR']:>6.3f}")
     print("per voxel: thread-instructions per voxel of one (sample, channel) row; BAR: barriers per voxel;\n"
           "warps/SM: resident warps the registers allow (of 64); stack: bytes of local memory (spills)")
-    import triton
 
     write_json_atomically(args.out, dict(arch=f"sm_{args.arch}", triton=triton.__version__, sc=args.sc,
                                          kernel=args.kernel, dims=args.dims, size=args.size, kernels=rows,

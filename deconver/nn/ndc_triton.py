@@ -25,8 +25,8 @@ convolutions with 1 -> sc channels per group run far below memory bandwidth):
   pass; ``_grad_s_kernel`` reads ``R`` instead of recomputing both adjoints; the filter gradient is
   left to ``_filter_grad_kernel`` (the two adjoint terms in one pass, the ``K`` term in another),
   which accumulates every tap's products element-wise over 8192 voxels per program and reduces once.
-  Eight stencil passes instead of ten, no barrier per tap, and no kernel above 255 registers
-  (``benchmarks/ndc_kernels.py`` gives the static counts); which is faster on a GPU is for
+  Eight stencil passes instead of ten, no barrier per tap, no kernel at the 255-register cap or
+  spilling (``benchmarks/ndc_kernels.py`` gives the compiled counts); which is faster on a GPU is for
   ``benchmarks/ndc.py --lean-variant split:DECONVER_NDC_BACKWARD=split`` to say.
 
 Exactness: float32 throughout with per-voxel sums in a fixed order (no TF32); tested against the
@@ -390,7 +390,8 @@ def filter_grad(a: Tensor, y: Tensor, h: Tensor, relu: bool, b: Tensor | None = 
 def update_backward(g: Tensor, x: Tensor, z: Tensor, h: Tensor, t1: Tensor, eps: float, relu_input: bool,
                     need_x: bool, need_z: bool, need_h: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients ``(dL/dx, dL/dz, dL/dh)`` of :func:`update_forward`'s first output (``None`` where not
-    needed), by the strategy :func:`backward_mode` names. Work memory: three source-sized buffers."""
+    needed), by the strategy :func:`backward_mode` names. Work memory: two source-sized buffers (``w``
+    and ``gd``, or ``R`` with ``split``; ``dL/dz`` is written over ``w``) and two channel-sized ones."""
     g = g.contiguous()
     (d, hh, ww), _, meta = _geometry(x, h)
     grid = _grid(x, d * hh * ww, meta["BLOCK"])
