@@ -115,7 +115,7 @@ def kernel_specs(sc: int, k: int, dims: int, size: int) -> list[tuple]:
         ("inline: grad_s", kt._grad_s_kernel,
          dict(RELU=True, NEED_Z=True, NEED_H=True, R_SAVED=False, **meta), warps, block, ()),
         ("split: grad_a", kt._grad_a_kernel, dict(RELU=True, NEED_H=False, STORE_R=True, **meta), warps, block, ()),
-        ("split: K pair", kt._k_pair_kernel, dict(NEED_X=True, **dict(meta, BLOCK=kt._K_PAIR_BLOCK)), warps,
+        ("split: K pair", kt._k_pair_kernel, dict(meta, NEED_X=True, BLOCK=kt._K_PAIR_BLOCK), warps,
          kt._K_PAIR_BLOCK, ()),
         ("split: grad_s", kt._grad_s_kernel,
          dict(RELU=True, NEED_Z=True, NEED_H=False, R_SAVED=True, **meta), warps, block, ()),

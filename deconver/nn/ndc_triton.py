@@ -363,13 +363,13 @@ def backward_mode() -> str:
 
 def filter_grad_launch(y: Tensor, h: Tensor) -> dict:
     """Launch configuration of ``_filter_grad_kernel`` for channel-sized ``y`` and filter ``h``: its
-    constants (``meta``), rows per program (``rows``), ``grid`` and ``num_warps``."""
+    constants (``meta``), rows per program (``rows``), ``grid``, ``num_warps`` and the 3D ``spatial`` size."""
     (d, hh, w), (kd, kh, kw), meta = _geometry(y, h)
     scp, kvp = meta["SCP"], triton.next_power_of_2(kd * kh * kw)
     bv = max(16, min(triton.next_power_of_2(w), _TILE // (scp * kvp)))
     rows = max(1, min(d * hh, _CHUNK_VOXELS // (triton.cdiv(w, bv) * bv)))
     return dict(meta=dict(SC=meta["SC"], SCP=scp, KD=kd, KH=kh, KW=kw, KVP=kvp, BV=bv), rows=rows,
-                grid=(triton.cdiv(d * hh, rows), y.shape[0] * y.shape[1]), num_warps=4)
+                grid=(triton.cdiv(d * hh, rows), y.shape[0] * y.shape[1]), num_warps=4, spatial=(d, hh, w))
 
 
 def filter_grad(a: Tensor, y: Tensor, h: Tensor, relu: bool, b: Tensor | None = None,
@@ -378,8 +378,7 @@ def filter_grad(a: Tensor, y: Tensor, h: Tensor, relu: bool, b: Tensor | None = 
     f = ReLU or identity: the gradient of ``<A(y), f(a)> = <y, K(f(a))>`` with respect to ``h``; with
     ``b`` and ``y2``, minus the same sum of ``a * b`` and ``y2`` (both adjoints' terms in one pass)."""
     launch = filter_grad_launch(y, h)
-    grid, meta = launch["grid"], launch["meta"]
-    d, hh, w = _geometry(y, h)[0]
+    grid, meta, (d, hh, w) = launch["grid"], launch["meta"], launch["spatial"]
     part = y.new_empty((y.shape[0], y.shape[1], grid[0], h.shape[1] * meta["KD"] * meta["KH"] * meta["KW"]))
     pair = b is not None
     _filter_grad_kernel[grid](a, b if pair else a, y, y2 if pair else y, part, d, hh, w, launch["rows"], RELU=relu,
