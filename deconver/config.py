@@ -8,11 +8,13 @@ e.g. ``datasets.isles22.overrides.protocol.epochs: Input should be greater than 
 from __future__ import annotations
 
 import copy
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = REPO_ROOT / "config" / "datasets"
@@ -20,6 +22,12 @@ PRESET_DIR = REPO_ROOT / "config" / "datasets"
 
 class ConfigError(ValueError):
     """A configuration file or value is invalid; the message names the file and the key."""
+
+
+# A name that becomes one folder of the results layout (study, dataset): letters, digits, `_.-`,
+# not starting with a dot (so never `.`, `..` or a hidden folder) and no path separator.
+PLAIN_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+_AXES = ({"L", "R"}, {"A", "P"}, {"S", "I"})
 
 
 class Strict(BaseModel):
@@ -35,6 +43,22 @@ class Preprocessing(Strict):
     crop_foreground: bool = Field(True, description="crop to the non-zero bounding box of the image channels")
     crop_margin: int = Field(10, ge=0)
     normalize: Literal["zscore_nonzero", "zscore", "none"] = "zscore_nonzero"
+
+    @field_validator("orientation")
+    @classmethod
+    def _axcodes(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 3 or sorted(next((i for i, a in enumerate(_AXES) if c in a), -1)
+                                                            for c in value) != [0, 1, 2]):
+            raise ValueError(f"{value!r} is not an orientation: three axis codes, one of L/R, one of A/P and "
+                             "one of S/I (e.g. 'RAS', 'LPS')")
+        return value
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive_spacing(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(math.isfinite(v) and v > 0 for v in value):
+            raise ValueError(f"every spacing must be a finite number > 0 (mm, or px in 2D), got {value}")
+        return value
 
 
 class Augmentation(Strict):
@@ -86,7 +110,8 @@ class MetricRules(Strict):
     empty_rule: Literal["penalize", "exclude"] = Field(
         "penalize", description="penalize: both empty → Dice 1/HD95 0, one empty → Dice 0/HD95 penalty; "
         "exclude: drop cases with an empty side (the authors' MONAI behaviour)")
-    hd95_penalty: float | Literal["diagonal"] = Field("diagonal", description="mm (or px), or the image diagonal")
+    hd95_penalty: Annotated[float, Field(gt=0)] | Literal["diagonal"] = Field(
+        "diagonal", description="mm (or px), > 0, or the image diagonal")
     nsd_tolerance: float = Field(1.0, gt=0, description="normalized surface Dice tolerance, mm (px in 2D)")
     challenge: Literal["isles22", "brats23", "glas"] | None = Field(None, description="also compute this challenge's metrics")
 
@@ -147,7 +172,7 @@ class DatasetEntry(Strict):
 
 class TrainerSettings(Strict):
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: int | Literal["auto"] = "auto"
+    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = Field("auto", description="devices per node (>= 1) or auto")
     num_nodes: int = Field(1, gt=0)
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
     deterministic: bool = True
@@ -163,7 +188,7 @@ class ComplexitySettings(Strict):
 class Study(Strict):
     """A study: datasets × models × folds, with the seed and the places results go."""
 
-    study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    study: str = Field(..., pattern=PLAIN_NAME, description="a plain folder name (letters, digits, _.-; not starting with a dot)")
     seed: int = 123
     results_dir: str = "results"
     reports_dir: str = "reports"
@@ -182,6 +207,10 @@ class Study(Strict):
         bad = [f for f in self.folds if not 0 <= f < self.num_folds]
         if bad:
             raise ValueError(f"folds {bad} out of range for num_folds={self.num_folds}")
+        odd = [d for d in self.datasets if not re.match(PLAIN_NAME, d)]
+        if odd:
+            raise ValueError(f"datasets: {odd} are not plain folder names (letters, digits, _.-; not starting "
+                             "with a dot)")
         return self
 
     # ------------------------------------------------------------------ resolved views
