@@ -1,15 +1,18 @@
 """Dry runs of the workflow on every config in config/ and the smoke config, and the checks that stop a
-run before any job: unknown keys, wrong types, missing data, unknown models. Fast (no job runs)."""
+run before any job: unknown keys, wrong types, missing data, unknown models. Fast (one light job runs,
+to show the rules find the suite's CLI without the environment on PATH)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, SMOKE_CONFIG as SMOKE, run_snakemake, smoke_config
+from conftest import REPO_ROOT, SMOKE_CONFIG as SMOKE, run_snakemake, smoke_config, tool_env, write_study
 
 
 def dry_run(workdir: Path, *args: str, check: bool = True):
@@ -216,3 +219,15 @@ def test_schema_file_is_current():
     spec.loader.exec_module(module)
     assert json.loads((REPO_ROOT / "workflow" / "schemas" / "study.schema.json").read_text()) == \
         json.loads(module.schema_text()), "run: python workflow/scripts/make_schema.py"
+
+
+def test_jobs_find_the_cli_without_the_environment_on_path(tmp_path):
+    """`.venv/bin/snakemake` without an activated environment: the rules run `deconver` through the
+    interpreter that runs Snakemake (`python -m deconver`), so a job succeeds with only the system's
+    folders on PATH (before, it failed with `deconver: command not found`)."""
+    study = write_study(tmp_path, smoke_config(datasets={"glas": smoke_config()["datasets"]["glas"]}))
+    env = tool_env(PATH=os.pathsep.join(["/usr/bin", "/bin"]))
+    assert sys.prefix not in env["PATH"]
+    run_snakemake("--cores", "1", "--configfile", study, "--directory", tmp_path, "data/glas/SYNTHETIC.txt",
+                  env=env, timeout=300)
+    assert "wrote 6 synthetic glas cases" in (tmp_path / "results" / "smoke" / "logs" / "synth" / "glas.log").read_text()

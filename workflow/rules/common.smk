@@ -9,6 +9,7 @@ import copy
 import functools
 import importlib
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -238,9 +239,14 @@ RESOURCES = {
 }
 
 
+# The `deconver` command run by the interpreter that runs Snakemake (`python -m deconver`), so
+# `.venv/bin/snakemake --cores all` works without the environment's bin folder on PATH.
+DECONVER = f"{shlex.quote(sys.executable)} -m deconver"
+
+
 def cli(step: str, *, model: bool = False, fold: bool = False) -> str:
     """The `deconver <step>` command line of a rule (wildcards are filled in by Snakemake)."""
-    cmd = f"deconver {step} --config {{params.study}} --dataset {{wildcards.dataset}}"
+    cmd = f"{DECONVER} {step} --config {{params.study}} --dataset {{wildcards.dataset}}"
     if model:
         cmd += " --model {wildcards.model}"
     if fold:

@@ -18,7 +18,7 @@ for _name, _root in ((n, Path(e.root)) for n, e in STUDY.datasets.items() if e.s
         priority: 30
         localrule: True
         shell:
-            "deconver synth --config {params.study} --dataset {params.dataset} > {log} 2>&1"
+            DECONVER + " synth --config {params.study} --dataset {params.dataset} > {log} 2>&1"
 
 
 # One `download` rule per dataset with `download: true` (MSD tasks through MONAI; needs a network).

@@ -14,7 +14,7 @@ rule aggregate:
         study=str(STUDY_FILE),
     localrule: True
     shell:
-        "deconver aggregate --config {params.study} > {log} 2>&1"
+        DECONVER + " aggregate --config {params.study} > {log} 2>&1"
 
 
 rule report:
@@ -29,4 +29,4 @@ rule report:
         study=str(STUDY_FILE),
     localrule: True
     shell:
-        "deconver report --config {params.study} > {log} 2>&1"
+        DECONVER + " report --config {params.study} > {log} 2>&1"
