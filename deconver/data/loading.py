@@ -79,7 +79,42 @@ def _load_nifti(path: Path, dtype) -> Any:
     try:
         return LoadImage(reader="NibabelReader", image_only=True, dtype=dtype)(str(path))
     except Exception as err:  # nibabel/zlib/gzip raise many types for unreadable or truncated files
-        raise DatasetError(f"{path}: cannot read NIfTI file ({type(err).__name__}: {err})") from None
+        raise DatasetError(f"{path}: cannot read NIfTI file ({_nifti_problem(path, err)})") from None
+
+
+def _nifti_problem(path: Path, err: Exception) -> str:
+    """One line saying why a NIfTI file cannot be read: nibabel's own reason when it has one (MONAI's
+    message lists every reader it tried and suggests installing more, which misleads for a broken file)."""
+    import nibabel as nib
+
+    try:
+        np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as direct:  # noqa: BLE001 - the reason is reported, not handled
+        err = direct
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}"[:300]
+
+
+def check_affine(affine: np.ndarray, path: Path, dims: int = 3) -> None:
+    """A usable voxel-to-world affine: finite, no zero or collinear axis (a singular matrix has no orientation)."""
+    a = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise DatasetError(f"{path}: the header's affine (sform/qform) holds NaN or inf; fix the header "
+                           "(e.g. reset the sform from the qform) before preparing")
+    norms = np.sqrt((a[:dims, :dims] ** 2).sum(0))
+    zero = [i for i, n in enumerate(norms) if n == 0]
+    if zero:
+        raise DatasetError(f"{path}: the header's affine has a zero column for axis {zero} (voxel spacing 0); "
+                           "fix the header's pixdim / sform before preparing")
+    if abs(np.linalg.det(a[:dims, :dims])) < 1e-6 * float(np.prod(norms)):
+        raise DatasetError(f"{path}: the header's affine is singular (two axes point the same way); fix the header")
+
+
+def check_volume_shape(shape, path: Path) -> None:
+    """A 3D preset needs volumes: a spatial axis of length 1 is a single slice, not a volume."""
+    if any(int(n) < 2 for n in shape):
+        raise DatasetError(f"{path}: shape {tuple(int(n) for n in shape)} is a single slice, not a 3D volume; "
+                           "use a 2D preset for 2D data, or remove the case")
 
 
 def _affine(img) -> np.ndarray:
@@ -134,6 +169,8 @@ def _load_3d(case: Case, preset, with_label: bool) -> LoadedCase:
         if per_file > 1 and img.shape[-1] != per_file:
             raise DatasetError(f"{path}: expected {per_file} channels in the last axis, got shape {tuple(img.shape)}")
         img = EnsureChannelFirst(channel_dim=-1 if per_file > 1 else "no_channel")(img)
+        check_affine(_affine(img), path)
+        check_volume_shape(img.shape[1:], path)
         _check_finite(img, path)
         if ref is None:
             ref, ref_path = img, path
@@ -156,6 +193,7 @@ def _load_3d(case: Case, preset, with_label: bool) -> LoadedCase:
             lab = lab[..., 0]
         if lab.ndim != 3:
             raise DatasetError(f"{case.label}: expected a 3D label map, got shape {tuple(lab.shape)}")
+        check_affine(_affine(lab), case.label)
         if not same_grid(_affine(lab), lab.shape, _affine(ref), ref.shape[1:]):
             raise DatasetError(f"{case.label}: label grid {tuple(lab.shape)} / affine does not match the image "
                                f"{ref_path} {tuple(ref.shape[1:])} (tolerance {GRID_ATOL} mm)")

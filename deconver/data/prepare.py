@@ -143,6 +143,7 @@ def prepare_case(case: Case, preset, out_dir: Path, fingerprint: str, dataset: s
 
     inputs = input_stats(case)
     loaded = load_case(case, preset)
+    warnings = degenerate_warnings(loaded)
     image, label, geometry = preprocess(loaded, preset)
     cases_dir = out_dir / CASES_DIR
     files = {"image": f"{CASES_DIR}/{case.id}_image.npy", "label": None}
@@ -175,9 +176,23 @@ def prepare_case(case: Case, preset, out_dir: Path, fingerprint: str, dataset: s
         "file_sizes": {k: (out_dir / v).stat().st_size for k, v in files.items() if v},
         "fingerprint": fingerprint,
         "inputs": inputs,
+        "warnings": warnings,
     }
     write_json_atomic(cases_dir / f"{case.id}.json", entry)
     return entry
+
+
+def degenerate_warnings(loaded) -> list[str]:
+    """What is suspicious but not wrong about a loaded case (kept, reported per case and counted):
+    an image whose channels are all constant (e.g. all zero) while its label marks foreground."""
+    if loaded.label is None or not np.any(loaded.label):
+        return []
+    image = loaded.image.as_tensor().numpy() if hasattr(loaded.image, "as_tensor") else np.asarray(loaded.image)
+    flat = image.reshape(image.shape[0], -1)
+    if (flat.max(1) == flat.min(1)).all():
+        return [f"{loaded.source}: the image is constant ({float(flat.flat[0]):g} everywhere) but its label has "
+                f"{int(np.count_nonzero(loaded.label))} foreground voxels; check the file (the case is kept)"]
+    return []
 
 
 def _trusted_entry(out_dir: Path, case: Case, fingerprint: str, inputs: list[dict]) -> dict | None:
@@ -191,13 +206,7 @@ def _trusted_entry(out_dir: Path, case: Case, fingerprint: str, inputs: list[dic
         return None
     if entry.get("fingerprint") != fingerprint or entry.get("inputs") != inputs:
         return None
-    for key, rel in entry.get("files", {}).items():
-        if rel is None:
-            continue
-        f = out_dir / rel
-        if not f.is_file() or f.stat().st_size != entry["file_sizes"].get(key):
-            return None
-    return entry
+    return entry if _cache_files_intact(out_dir, entry) else None
 
 
 # --------------------------------------------------------------------------- a dataset
@@ -217,9 +226,20 @@ def _manifest_matches(manifest_path: Path, fingerprint: str, cases: list[Case], 
     for e in entries:
         if e.get("inputs") != stats[e["id"]]:
             return False
-        for key, rel in e["files"].items():
-            if rel and not (out_dir / rel).is_file():
-                return False
+        if not _cache_files_intact(out_dir, e):
+            return False
+    return True
+
+
+def _cache_files_intact(out_dir: Path, entry: dict) -> bool:
+    """Every cached array of a case entry is there with the size it was written with (a truncated or
+    replaced .npy is redone, never trusted)."""
+    for key, rel in entry.get("files", {}).items():
+        if rel is None:
+            continue
+        f = out_dir / rel
+        if not f.is_file() or f.stat().st_size != entry.get("file_sizes", {}).get(key):
+            return False
     return True
 
 
@@ -244,16 +264,21 @@ def prepare_dataset(preset, root: str | Path, out_dir: str | Path, *, dataset: s
     stats = {c.id: input_stats(c) for c in cases}
     manifest_path = out_dir / MANIFEST
     if _manifest_matches(manifest_path, fingerprint, cases, stats):
+        warned = json.loads(manifest_path.read_text()).get("warnings", [])
         return {"status": "up-to-date", "cases": len(cases), "written": 0, "reused": len(cases),
-                "seconds": time.perf_counter() - t0}
+                "warnings": warned, "seconds": time.perf_counter() - t0}
     manifest_path.unlink(missing_ok=True)  # from here on the folder is not a trusted cache until the end
-    entries, written, reused = [], 0, 0
+    entries, written, reused, refused = [], 0, 0, []
     bar = tqdm(cases, desc=f"prepare {dataset}", unit="case", disable=not progress, file=sys.stderr)
     with _single_thread():
         for case in bar:
             entry = _trusted_entry(out_dir, case, fingerprint, stats[case.id])
             if entry is None:
-                entry = prepare_case(case, preset, out_dir, fingerprint, dataset)
+                try:
+                    entry = prepare_case(case, preset, out_dir, fingerprint, dataset)
+                except DatasetError as err:  # go on: every bad case is named, not only the first
+                    refused.append(f"{case.id}: {err}")
+                    continue
                 written += 1
             else:
                 reused += 1
@@ -261,6 +286,10 @@ def prepare_dataset(preset, root: str | Path, out_dir: str | Path, *, dataset: s
             if on_case is not None:
                 on_case(case.id)
     bar.close()
+    if refused:
+        raise DatasetError(f"{len(refused)} of {len(cases)} cases of {root} refused (the other cases are "
+                           "cached and kept; fix or remove these, then rerun):\n  " + "\n  ".join(refused))
+    warned = [w for e in entries for w in e.get("warnings", [])]
     _remove_stale(out_dir, {c.id for c in cases})
     manifest = {
         "format": CACHE_FORMAT,
@@ -274,12 +303,13 @@ def prepare_dataset(preset, root: str | Path, out_dir: str | Path, *, dataset: s
         "labels": {k: list(v) for k, v in preset.labels.items()},
         "synthetic": any(e["synthetic"] for e in entries),
         "num_cases": len(entries),
+        "warnings": warned,
         "provenance": provenance("cpu"),
         "cases": entries,
     }
     write_json_atomic(manifest_path, manifest)
     return {"status": "prepared", "cases": len(cases), "written": written, "reused": reused,
-            "seconds": time.perf_counter() - t0}
+            "warnings": warned, "seconds": time.perf_counter() - t0}
 
 
 @contextlib.contextmanager
@@ -347,6 +377,11 @@ def run(args: argparse.Namespace) -> int:
     except (DatasetError, ConfigError) as err:
         print(f"deconver prepare: error: {err}", file=sys.stderr)
         return 1
+    for warning in result["warnings"]:
+        print(f"deconver prepare: warning: {warning}", file=sys.stderr)
+    if result["warnings"]:
+        print(f"deconver prepare: {len(result['warnings'])} of {result['cases']} cases with warnings",
+              file=sys.stderr)
     if result["status"] == "up-to-date":
         print(f"{out}: up to date ({result['cases']} cases), nothing to do")
     else:

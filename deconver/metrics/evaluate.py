@@ -30,8 +30,10 @@ import pandas as pd
 
 from deconver import __version__
 from deconver.config import ConfigError, DatasetPreset, load_preset, load_study
+from deconver.data.records import DatasetError
 from deconver.io import atomic_path, provenance, write_json_atomic
 from deconver.metrics.challenge import brats23_lesionwise, glas_object_metrics, isles22_metrics, label_components
+from deconver.metrics.geometry import aligned_prediction
 from deconver.metrics.surface import HD_DEFINITION, HD_IMPL, compare_masks, diagonal
 
 COLUMNS = ["study", "dataset", "model", "fold", "case", "region", "metric", "value", "gt_voxels", "pred_voxels",
@@ -53,6 +55,7 @@ class CaseInput:
     load_gt: Callable[[], tuple[np.ndarray, tuple[float, ...] | None]]
     load_instances: Callable[[], np.ndarray] | None = None
     gt_key: str = ""  # what identifies the ground truth, for the rerun fingerprint
+    load_pred: Callable[[], tuple[np.ndarray, tuple[float, ...] | None]] | None = None  # default: read pred_path
 
 
 # --------------------------------------------------------------------------- files
@@ -194,7 +197,7 @@ def evaluate_cases(cases: Sequence[CaseInput], preset: DatasetPreset, *, ids: di
     for c in tqdm(cases, desc=progress or f"evaluate {preset.name}", unit="case", disable=None, file=sys.stderr):
         gt, spacing = c.load_gt()
         gt = np.asarray(gt)
-        pred, pred_spacing = read_label_file(c.pred_path)
+        pred, pred_spacing = c.load_pred() if c.load_pred is not None else read_label_file(c.pred_path)
         _check_labels(pred, allowed, f"prediction {c.pred_path}")
         if pred.shape != gt.shape:
             raise EvaluationError(f"case {c.case}: prediction {c.pred_path} has shape {pred.shape}, "
@@ -276,8 +279,12 @@ def write_evaluation(cases: Sequence[CaseInput], preset: DatasetPreset, out: Pat
 
 def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, preset: DatasetPreset | str, out: str | Path, *,
                     gt_suffix: str = "", spacing: Sequence[float] | None = None, study: str = "",
-                    dataset: str | None = None, model: str = "", fold: int | str = "", force: bool = False) -> Path:
+                    dataset: str | None = None, model: str = "", fold: int | str = "", force: bool = False,
+                    resample: bool = False) -> Path:
     """Hand-use mode: pair ``gt_dir/<case>[gt_suffix].<ext>`` with ``pred_dir/<case>.<ext>`` and evaluate.
+
+    A NIfTI prediction must lie on its ground truth's grid (`deconver.metrics.geometry`): otherwise an
+    error names both files, or with `resample` the prediction is resampled onto it (nearest neighbour).
 
     The ground-truth files are label maps in the preset's label space (for a GlaS preset the official
     instance maps are accepted: every value > 0 is a gland and the map gives the objects). `spacing`
@@ -313,10 +320,12 @@ def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, preset: DatasetPre
             return labels, tuple(spacing) if spacing is not None else sp
 
         load_inst = (lambda path=path: read_label_file(path)[0]) if is_instance_gt else None
-        cases.append(CaseInput(case, pred_path, load_gt, load_inst, gt_key=json.dumps(_file_key(path))))
+        load_pred = (lambda pred_path=pred_path, path=path: aligned_prediction(pred_path, path, resample))
+        cases.append(CaseInput(case, pred_path, load_gt, load_inst, gt_key=json.dumps(_file_key(path)),
+                               load_pred=load_pred))
     ids = {"study": study, "dataset": dataset or preset.name, "model": model, "fold": fold}
     return write_evaluation(cases, preset, Path(out), ids=ids, force=force,
-                            extra_info={"pred_dir": str(pred_dir), "gt_dir": str(gt_dir),
+                            extra_info={"pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "resample": resample,
                                         "spacing_override": list(spacing) if spacing is not None else None})
 
 
@@ -343,6 +352,11 @@ def evaluate_run(config: str | Path, dataset: str, model: str, fold: int, *, bas
     prepared = data.PreparedDataset(paths.prepared(dataset))
     pred_dir = paths.predictions(dataset, model, fold)
     manifest = paths.manifest(dataset)
+    unknown = [c for c in case_ids if c not in prepared]
+    if unknown:
+        raise EvaluationError(f"{split_file}: fold {fold} lists case(s) {unknown[:5]} that are not in {manifest} "
+                              f"(the split is older than the prepared data): rerun `deconver split`, then train, "
+                              f"predict and evaluate this run again")
     cases: list[CaseInput] = []
     for case in case_ids:
         entry = prepared.case(case)
@@ -373,6 +387,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spacing", type=float, nargs="+", help="override the voxel spacing (by hand), e.g. 0.5 0.5")
     parser.add_argument("--study", default="", help="study column (by hand)")
     parser.add_argument("--force", action="store_true", help="recompute even when the output is up to date")
+    parser.add_argument("--resample", action="store_true",
+                        help="by hand: resample a NIfTI prediction that is not on its ground truth's grid (nearest "
+                             "neighbour) instead of refusing it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -392,8 +409,8 @@ def run(args: argparse.Namespace) -> int:
                 raise EvaluationError(f"give --config STUDY --dataset D --model M --fold K, or {' '.join(missing)}")
             evaluate_folder(args.pred_dir, args.gt_dir, args.preset, args.out, gt_suffix=args.gt_suffix,
                             spacing=args.spacing, study=args.study, dataset=args.dataset, model=args.model,
-                            fold="" if args.fold is None else args.fold, force=args.force)
-    except (EvaluationError, ConfigError) as err:
+                            fold="" if args.fold is None else args.fold, force=args.force, resample=args.resample)
+    except (EvaluationError, ConfigError, DatasetError) as err:
         print(f"deconver evaluate: error: {err}", file=sys.stderr)
         return 1
     return 0
