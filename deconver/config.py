@@ -121,7 +121,7 @@ class DatasetPreset(Strict):
 
     name: str
     description: str = ""
-    reader: Literal["isles22", "brats23", "glas", "fives", "msd"]
+    reader: Literal["isles22", "brats23", "glas", "fives", "msd", "nnunet"]
     reader_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the reader")
     spatial_dims: Literal[2, 3]
     channels: list[str] = Field(..., min_length=1, description="input channel names, in model input order")

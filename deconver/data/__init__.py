@@ -1,11 +1,11 @@
 """Datasets: readers of the official layouts, synthetic stand-ins, the prepared cache, folds.
 
 Contract (docs/ARCHITECTURE.md): `read_dataset(preset, root) -> list[Case]`, `DatasetError`,
-`PreparedDataset(directory)`, `to_native`, `save_native`, `load_native_label`, `load_native_instances`.
+`PreparedDataset(directory)`, `to_native`, `save_native`, `native_suffix`, `load_native_label`, `load_native_instances`.
 Heavy dependencies (torch, MONAI) are imported only inside the functions that need them.
 """
 from deconver.data.cache import PreparedDataset
-from deconver.data.native import load_native_instances, load_native_label, save_native, to_native
+from deconver.data.native import load_native_instances, load_native_label, native_suffix, save_native, to_native
 from deconver.data.readers import READERS, read_dataset
 from deconver.data.records import Case, DatasetError
 
@@ -17,6 +17,7 @@ __all__ = [
     "load_native_instances",
     "load_native_label",
     "make_folds",
+    "native_suffix",
     "prepare_dataset",
     "read_dataset",
     "save_native",

@@ -2,7 +2,8 @@
 
 Every failure is a `DatasetError` naming the file: unreadable or truncated file, wrong dimensionality,
 NaN/inf intensities, a channel or label on another grid (beyond `GRID_ATOL`), label values outside the
-preset's set. 3D files are read with MONAI's `LoadImage` (nibabel), 2D images with Pillow.
+preset's set. 3D NIfTI files are read with MONAI's `LoadImage` (nibabel), other 3D formats (MHA, NRRD …)
+with SimpleITK into the same RAS affine convention, 2D images with Pillow.
 """
 from __future__ import annotations
 
@@ -117,6 +118,61 @@ def check_volume_shape(shape, path: Path) -> None:
                            "use a 2D preset for 2D data, or remove the case")
 
 
+# LPS (ITK) -> RAS (nibabel, MONAI): the first two world axes change sign
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def read_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(array indexed x, y, z as nibabel gives it, 4x4 RAS affine) of an image SimpleITK reads (MHA, NRRD …)."""
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(path))
+    except Exception as err:  # RuntimeError with ITK's message for unreadable files
+        raise DatasetError(f"{path}: cannot read image file ({type(err).__name__}: {str(err).strip()[:300]})") from None
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise DatasetError(f"{path}: expected a 3D single-channel image, got {img.GetDimension()}D with "
+                           f"{img.GetNumberOfComponentsPerPixel()} component(s) per voxel")
+    return np.ascontiguousarray(sitk.GetArrayFromImage(img).transpose(2, 1, 0)), sitk_affine(img)
+
+
+def sitk_affine(img) -> np.ndarray:
+    """The RAS affine of a SimpleITK image (or image reader) from its spacing, direction and origin."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(img.GetSpacing())
+    affine[:3, 3] = img.GetOrigin()
+    return _LPS_TO_RAS @ affine
+
+
+def _load_3d_file(path: Path, dtype, fmt: str) -> Any:
+    """A 3D (or 4D NIfTI) file as a MetaTensor with its RAS affine."""
+    if fmt == "nifti":
+        return _load_nifti(path, dtype)
+    import torch
+    from monai.data import MetaTensor
+
+    arr, affine = read_sitk(path)
+    return MetaTensor(torch.as_tensor(arr if dtype is None else arr.astype(dtype)), affine=torch.as_tensor(affine),
+                      meta={"filename_or_obj": str(path)})
+
+
+def image_spacing(path: Path, fmt: str) -> list[float]:
+    """Voxel size (mm) from a 3D file's header without reading its data."""
+    if fmt == "nifti":
+        from deconver.data.readers._common import nifti_spacing
+
+        return nifti_spacing(path)
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except Exception as err:
+        raise DatasetError(f"{path}: cannot read image header ({type(err).__name__}: {str(err).strip()[:300]})") from None
+    return [float(s) for s in reader.GetSpacing()[:3]]
+
+
 def _affine(img) -> np.ndarray:
     return np.asarray(img.affine, dtype=np.float64)
 
@@ -141,7 +197,7 @@ def load_case(case: Case, preset, with_label: bool = True) -> LoadedCase:
     fmt = case.meta.get("format", "nifti")
     if fmt == "image2d":
         return _load_2d(case, preset, with_label)
-    if fmt == "nifti":
+    if fmt in ("nifti", "sitk"):
         return _load_3d(case, preset, with_label)
     raise DatasetError(f"case {case.id}: unknown image format {fmt!r}")
 
@@ -152,6 +208,7 @@ def _load_3d(case: Case, preset, with_label: bool) -> LoadedCase:
     from monai.data import MetaTensor
     from monai.transforms import EnsureChannelFirst, ResampleToMatch
 
+    fmt = case.meta.get("format", "nifti")
     resample = set(case.meta.get("resample_channels", []))
     zero = set(case.meta.get("zero_channels", []))
     per_file = int(case.meta.get("channels_per_file", 1))
@@ -161,7 +218,7 @@ def _load_3d(case: Case, preset, with_label: bool) -> LoadedCase:
         if i in zero:
             channels.append(None)
             continue
-        img = _load_nifti(path, np.float32)
+        img = _load_3d_file(path, np.float32, fmt)
         spatial = img.ndim - (1 if per_file > 1 else 0)
         if spatial != 3:
             raise DatasetError(f"{path}: expected a 3D image{'' if per_file == 1 else f' with {per_file} channels'}, "
@@ -188,7 +245,7 @@ def _load_3d(case: Case, preset, with_label: bool) -> LoadedCase:
     image = MetaTensor(torch.cat(tensors, 0).float(), affine=ref.affine.clone(), meta={"filename_or_obj": str(ref_path)})
     label = None
     if with_label and case.label is not None:
-        lab = _load_nifti(case.label, None)
+        lab = _load_3d_file(case.label, None, fmt)
         if lab.ndim == 4 and lab.shape[-1] == 1:
             lab = lab[..., 0]
         if lab.ndim != 3:
@@ -236,15 +293,36 @@ def read_rgb_2d(path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
 
 
+def _read_channels_2d(case: Case) -> np.ndarray:
+    """The case's files decoded as they are (grey: one channel, RGB: three), concatenated (C, H, W)."""
+    parts = []
+    for path in case.images:
+        arr = read_image_2d(path)
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        if parts and arr.shape[1:] != parts[0].shape[1:]:
+            raise DatasetError(f"{path}: size {arr.shape[2]}x{arr.shape[1]} does not match {case.images[0]} "
+                               f"({parts[0].shape[2]}x{parts[0].shape[1]})")
+        parts.append(arr.astype(np.float32))
+    image = np.ascontiguousarray(np.concatenate(parts, 0))
+    if not np.isfinite(image).all():
+        raise DatasetError(f"case {case.id}: NaN or inf intensities in {case.images}")
+    return image
+
+
 def _load_2d(case: Case, preset, with_label: bool) -> LoadedCase:
-    if len(case.images) != 1:
-        raise DatasetError(f"case {case.id}: a 2D case has one RGB file, got {case.images}")
-    image = read_rgb_2d(case.images[0])
+    if case.meta.get("expand_rgb", True):
+        if len(case.images) != 1:
+            raise DatasetError(f"case {case.id}: a 2D case has one RGB file, got {case.images}")
+        image = read_rgb_2d(case.images[0])
+    else:
+        image = _read_channels_2d(case)
     if image.shape[0] != preset.in_channels:
         raise DatasetError(f"{case.images[0]}: {image.shape[0]} channels, the preset expects {preset.in_channels}")
     label = instances = None
     if with_label and case.label is not None:
         raw = read_image_2d(case.label)
+        if raw.ndim != 2 and case.meta.get("label_encoding", "values") == "values":
+            raise DatasetError(f"{case.label}: a label map must be a single-channel image, got {raw.shape[2]} channels")
         if raw.shape[:2] != image.shape[1:]:
             raise DatasetError(f"{case.label}: mask size {raw.shape[1]}x{raw.shape[0]} does not match the image "
                                f"{case.images[0]} ({image.shape[2]}x{image.shape[1]})")
@@ -259,6 +337,8 @@ def read_native_label(entry: dict, preset_like) -> tuple[np.ndarray, np.ndarray 
     encoding = entry["label_encoding"]
     if entry["spatial_dims"] == 2:
         raw = read_image_2d(path)
+    elif entry.get("meta", {}).get("format") == "sitk":
+        raw, _ = read_sitk(path)
     else:
         import nibabel as nib
 

@@ -68,9 +68,30 @@ def to_native(array, entry: dict, mode: str = "nearest") -> np.ndarray:
     return np.ascontiguousarray(native)
 
 
+# 2D file endings a prediction keeps (Pillow format names); any other 2D source gets PNG
+_FORMATS_2D = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF"}
+# detached-header formats are written as their one-file twins (a header and its data file cannot be
+# renamed into place together)
+_ONE_FILE = {".mhd": ".mha", ".nhdr": ".nrrd"}
+
+
+def native_suffix(entry: dict) -> str:
+    """The file ending of a case's label map in its native format: the source's ending for formats read
+    through SimpleITK (MHA, NRRD …; .mhd/.nhdr become .mha/.nrrd) and for 2D PNG/BMP/TIF sources of the
+    nnU-Net reader, else ``.nii.gz`` (3D) / ``.png`` (2D)."""
+    ending = entry.get("meta", {}).get("file_ending")
+    if entry["spatial_dims"] == 2:
+        return ending if ending in _FORMATS_2D else ".png"
+    if entry.get("meta", {}).get("format") != "sitk":
+        return ".nii.gz"
+    return _ONE_FILE.get(ending, ending)
+
+
+
 def save_native(label_map, entry: dict, path: str | Path) -> Path:
     """Write a label map (*native shape) in the native format: NIfTI with the source image's affine and
-    header (3D), PNG (2D). Atomic."""
+    header (3D NIfTI sources), the source's format and geometry through SimpleITK (MHA, NRRD …), PNG (2D;
+    BMP/TIFF when the path says so). Atomic."""
     label_map = np.asarray(label_map)
     g = entry["geometry"]
     if tuple(label_map.shape) != tuple(g["native_shape"]):
@@ -83,8 +104,10 @@ def save_native(label_map, entry: dict, path: str | Path) -> Path:
         from PIL import Image
 
         with atomic_path(path) as tmp:
-            Image.fromarray(data, mode="L").save(tmp, format="PNG")
+            Image.fromarray(data, mode="L").save(tmp, format=_FORMATS_2D.get(path.suffix.lower(), "PNG"))
         return path
+    if entry.get("meta", {}).get("format") == "sitk":
+        return _save_sitk(data, Path(entry["source"]["images"][0]), path)
     import nibabel as nib
 
     source = Path(entry["source"]["images"][0])
@@ -98,6 +121,25 @@ def save_native(label_map, entry: dict, path: str | Path) -> Path:
     img.header["cal_min"], img.header["cal_max"] = 0, float(data.max(initial=0))
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
+    return path
+
+
+def _save_sitk(data: np.ndarray, source: Path, path: Path) -> Path:
+    """A label map (x, y, z) written by SimpleITK with the source image's spacing, origin and direction."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(source))
+    try:
+        reader.ReadImageInformation()
+    except Exception as err:
+        raise DatasetError(f"{source}: cannot read the source image header ({err})") from None
+    img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    img.SetSpacing(reader.GetSpacing())
+    img.SetOrigin(reader.GetOrigin())
+    img.SetDirection(reader.GetDirection())
+    with atomic_path(path) as tmp:  # the temporary name keeps the ending SimpleITK picks its writer by
+        sitk.WriteImage(img, str(tmp), useCompression=True)
     return path
 
 

@@ -2,7 +2,8 @@
 
 For each case: sliding-window probabilities on the prepared grid → back onto the native grid
 (`deconver.data.to_native`, linear) → a label map in the preset's label space (`LabelCodec.to_label_map`)
-→ `deconver.data.save_native` (NIfTI with the source affine and header in 3D, PNG in 2D). With
+→ `deconver.data.save_native` (NIfTI with the source affine and header in 3D, the source's format for
+MHA/NRRD sources, PNG in 2D or the nnU-Net source's PNG/BMP/TIF: `native_suffix`). With
 ``--probabilities`` also ``<case>_prob.nii.gz`` (3D, channels last, source affine) or ``<case>_prob.npy``
 (2D, channels first). ``predictions.json`` (case list, checkpoint, provenance) is written last: when it
 matches the checkpoint and the cases, a rerun does nothing.
@@ -87,10 +88,11 @@ def save_probabilities(probs: np.ndarray, entry: dict, path: Path) -> Path:
     return path
 
 
-def prediction_paths(out_dir: Path, case_id: str, spatial_dims: int) -> tuple[Path, Path]:
+def prediction_paths(out_dir: Path, case_id: str, spatial_dims: int, suffix: str | None = None) -> tuple[Path, Path]:
+    """(label map, probabilities) files of a case; `suffix`: the label map's native ending (`native_suffix`)."""
     if spatial_dims == 2:
-        return out_dir / f"{case_id}.png", out_dir / f"{case_id}_prob.npy"
-    return out_dir / f"{case_id}.nii.gz", out_dir / f"{case_id}_prob.nii.gz"
+        return out_dir / f"{case_id}{suffix or '.png'}", out_dir / f"{case_id}_prob.npy"
+    return out_dir / f"{case_id}{suffix or '.nii.gz'}", out_dir / f"{case_id}_prob.nii.gz"
 
 
 def predict(study: Study | str | Path | dict, dataset: str, model: str, fold: int, *, base: str | Path = ".",
@@ -100,7 +102,7 @@ def predict(study: Study | str | Path | dict, dataset: str, model: str, fold: in
     import torch
     from tqdm import tqdm
 
-    from deconver.data import save_native, to_native
+    from deconver.data import native_suffix, save_native, to_native
     from deconver.engine.labels import LabelCodec
     from deconver.engine.module import sliding_window_logits
     from deconver.io import provenance, write_json_atomic
@@ -147,7 +149,7 @@ def predict(study: Study | str | Path | dict, dataset: str, model: str, fold: in
             logits = sliding_window_logits(net, x, spec.protocol)
             probs = codec.activate(logits.float())[0].cpu().numpy()
         native = to_native(probs, entry, mode="linear")
-        label_path, prob_path = prediction_paths(out_dir, case_id, entry["spatial_dims"])
+        label_path, prob_path = prediction_paths(out_dir, case_id, entry["spatial_dims"], native_suffix(entry))
         save_native(codec.to_label_map(native), entry, label_path)
         if probabilities:
             save_probabilities(native, entry, prob_path)

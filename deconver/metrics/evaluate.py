@@ -38,7 +38,8 @@ from deconver.metrics.surface import HD_DEFINITION, HD_IMPL, compare_masks, diag
 
 COLUMNS = ["study", "dataset", "model", "fold", "case", "region", "metric", "value", "gt_voxels", "pred_voxels",
            "gt_empty", "pred_empty", "spacing", "unit", "hd_impl", "diagonal"]
-LABEL_SUFFIXES = (".nii.gz", ".nii", ".png", ".bmp", ".tif", ".tiff")
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".png", ".bmp", ".tif", ".tiff", ".mha", ".nrrd")
+SITK_SUFFIXES = (".mha", ".nrrd")  # 3D label maps read with SimpleITK (nnU-Net datasets, predictions of them)
 CHALLENGE_UNITS = {"isles22_volume_diff_ml": "ml", "brats23_lw_hd95": "mm", "glas_object_hausdorff": "px"}
 
 
@@ -88,6 +89,12 @@ def read_label_file(path: str | Path) -> tuple[np.ndarray, tuple[float, ...] | N
             if data.ndim not in (2, 3):
                 raise EvaluationError(f"{path}: expected a 2D or 3D label map, got shape {data.shape}")
             spacing = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
+        elif name.endswith(SITK_SUFFIXES):
+            import SimpleITK as sitk
+
+            img = sitk.ReadImage(str(path))
+            data = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # x, y, z as nibabel gives it
+            spacing = tuple(float(s) for s in img.GetSpacing())
         else:
             from PIL import Image
 

@@ -10,6 +10,7 @@ from deconver.data.readers.fives import read_fives
 from deconver.data.readers.glas import read_glas, read_grade_csv
 from deconver.data.readers.isles22 import read_isles22
 from deconver.data.readers.msd import read_msd
+from deconver.data.readers.nnunet import read_nnunet
 from deconver.data.records import Case, DatasetError
 
 READERS: dict[str, Callable[..., list[Case]]] = {
@@ -18,6 +19,7 @@ READERS: dict[str, Callable[..., list[Case]]] = {
     "glas": read_glas,
     "fives": read_fives,
     "msd": read_msd,
+    "nnunet": read_nnunet,
 }
 
 
@@ -44,4 +46,4 @@ def read_dataset(preset, root: str | Path, *, require_labels: bool = True) -> li
 
 
 __all__ = ["READERS", "read_dataset", "read_grade_csv", "read_isles22", "read_brats23", "read_glas",
-           "read_fives", "read_msd"]
+           "read_fives", "read_msd", "read_nnunet"]
