@@ -19,7 +19,9 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from deconver.metrics.surface import _check_pair, as_spacing, bounding_box, compare_masks
+from deconver.metrics.objects import (ObjectSet, best_partner, full_hausdorff, nearest_by_hausdorff,
+                                      overlap_pairs)
+from deconver.metrics.surface import _check_pair, as_spacing, bounding_box, directed_percentiles
 
 BRATS_PENALTY = 374.0
 
@@ -29,10 +31,6 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
     labels, n = ndimage.label(mask, structure=structure)
     return labels.astype(np.int32, copy=False), int(n)
-
-
-def _union_slices(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:
-    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
 
 
 # --------------------------------------------------------------------------- ISLES'22
@@ -83,32 +81,35 @@ def brats23_lesionwise(pred, gt, spacing: float | Sequence[float] | None = None,
     p, g = _check_pair(pred, gt)
     sp = as_spacing(spacing, p.ndim)
     voxel_volume = float(np.prod(sp))
-    pred_lab, n_pred = label_components(p)
-    dil_lab = np.zeros(g.shape, dtype=np.int32)
-    n_dil = 0
-    box = bounding_box(g)
+    box = bounding_box(p, g)
     if box is not None:
-        # the dilation reaches `dilation` voxels beyond the GT: dilate on a padded crop
+        # everything happens within `dilation` + 1 voxels of the masks: work on that crop. No mask voxel
+        # reaches the crop's edge unless it is the image's, so surfaces and the dilation are unchanged.
         pad = dilation + 1
-        big = tuple(slice(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(box, g.shape))
+        box = tuple(slice(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(box, g.shape))
+        p, g = p[box], g[box]
+    pred_lab, n_pred = label_components(p)
+    dil_lab, n_dil = np.zeros(g.shape, dtype=np.int32), 0
+    if g.any():
         struct = ndimage.generate_binary_structure(g.ndim, 2)
-        dilated = ndimage.binary_dilation(g[big], structure=struct, iterations=dilation)
-        sub_lab, n_dil = label_components(dilated)
-        dil_lab[big] = sub_lab
-    dil_boxes = ndimage.find_objects(dil_lab) if n_dil else []
-    pred_boxes = ndimage.find_objects(pred_lab) if n_pred else []
+        dil_lab, n_dil = label_components(ndimage.binary_dilation(g, structure=struct, iterations=dilation))
+    lesion_lab = np.where(g, dil_lab, 0)  # lesion k = GT voxels of dilated component k
+    lesions, preds = ObjectSet(lesion_lab, n_dil, sp), ObjectSet(pred_lab, n_pred, sp)
+    # a predicted component matches lesion k when it touches k's dilated extent
+    dil_of, match_of, _ = overlap_pairs(dil_lab.ravel(), pred_lab.ravel(), n_pred)
+    matches_of: dict[int, list[int]] = {}
+    for k, m in zip(dil_of.tolist(), match_of.tolist()):
+        matches_of.setdefault(k, []).append(m)
+    les_of, les_pred, inter = overlap_pairs(lesions.flat, preds.flat, n_pred)
+    inter_of = dict(zip(zip(les_of.tolist(), les_pred.tolist()), inter.tolist()))
+    matched_pred = set(match_of.tolist())
 
-    matched_pred: set[int] = set()
     dices: list[float] = []
     hds: list[float] = []
     n_tp = n_fn = 0
-    for k, dbox in enumerate(dil_boxes, start=1):
-        extent = dil_lab[dbox] == k
-        lesion_here = extent & g[dbox]
-        volume = int(np.count_nonzero(lesion_here)) * voxel_volume
-        matches = np.unique(pred_lab[dbox][extent])
-        matches = [int(m) for m in matches if m != 0]
-        matched_pred.update(matches)
+    for k in range(1, n_dil + 1):
+        volume = int(lesions.area[k - 1]) * voxel_volume
+        matches = matches_of.get(k, [])
         if volume <= min_volume:
             continue
         if not matches:
@@ -117,14 +118,12 @@ def brats23_lesionwise(pred, gt, spacing: float | Sequence[float] | None = None,
             hds.append(float(penalty))
             continue
         n_tp += 1
-        region = dbox
-        for m in matches:
-            region = _union_slices(region, pred_boxes[m - 1])
-        lesion = (dil_lab[region] == k) & g[region]
-        pred_lesion = np.isin(pred_lab[region], matches)
-        r = compare_masks(pred_lesion, lesion, sp)
-        dices.append(r.dice)
-        hds.append(r.hd95 if math.isfinite(r.hd95) else float(penalty))
+        # each lesion against the union of its matches (distinct 26-connected components, never touching)
+        pred_voxels = sum(int(preds.area[m - 1]) for m in matches)
+        overlap = sum(inter_of.get((k, m), 0) for m in matches)
+        dices.append(2.0 * overlap / (pred_voxels + int(lesions.area[k - 1])))
+        hd = max(directed_percentiles(*preds.union_surface_distances(matches, lesions, k)))
+        hds.append(hd if math.isfinite(hd) else float(penalty))
     n_fp = n_pred - len(matched_pred)
     denom = len(dices) + n_fp
     if denom == 0:
@@ -151,15 +150,6 @@ def _relabel(instances: np.ndarray) -> tuple[np.ndarray, int]:
     return (inverse + 1).astype(np.int32), len(values)
 
 
-def _full_hausdorff(a: np.ndarray, b: np.ndarray) -> float:
-    """Hausdorff distance (max, in pixels) between two non-empty pixel sets — all pixels, not only edges."""
-    box = bounding_box(a, b)
-    a, b = a[box], b[box]
-    d_ab = ndimage.distance_transform_edt(~b)[a].max()
-    d_ba = ndimage.distance_transform_edt(~a)[b].max()
-    return float(max(d_ab, d_ba))
-
-
 def glas_object_metrics(pred_instances, gt_instances) -> dict[str, float]:
     """GlaS object-level F1, object Dice and object Hausdorff (pixels) of one image.
 
@@ -170,9 +160,14 @@ def glas_object_metrics(pred_instances, gt_instances) -> dict[str, float]:
     FP = other predicted objects, FN = GT objects − TP; F1 = 2TP / (2TP + FP + FN).
     Object Dice = ½ [Σ_i ω_i Dice(S_i, G*(S_i)) + Σ_j ω̃_j Dice(G_j, S*(G_j))], weights = object area /
     total area of its map, Dice 0 for an object without partner. Object Hausdorff: the same weighted sum
-    of Hausdorff distances, where an object without an overlapping partner is paired with the object of
-    the other map at the smallest Hausdorff distance. Empty maps: F1 and Dice 1 (both) or 0 (one);
-    Hausdorff 0 (both) or +inf (one, raw — the aggregation rule replaces it).
+    of Hausdorff distances (over all pixels of both objects), where an object without an overlapping
+    partner is paired with the object of the other map at the smallest Hausdorff distance (ties: lowest
+    label). Empty maps: F1 and Dice 1 (both) or 0 (one); Hausdorff 0 (both) or +inf (one, raw — the
+    aggregation rule replaces it).
+
+    Cost: linear in the pixels (one sort per map) plus k-d tree queries over the objects' pixels for the
+    pairs compared; the nearest object of an unmatched one is searched among the objects whose
+    bounding-box lower bound (``deconver.metrics.objects.nearest_by_hausdorff``) can beat the best so far.
     """
     s_map, g_map = np.asarray(pred_instances), np.asarray(gt_instances)
     if s_map.shape != g_map.shape:
@@ -184,48 +179,42 @@ def glas_object_metrics(pred_instances, gt_instances) -> dict[str, float]:
         both = n_s == 0 and n_g == 0
         return dict(zip(names, (1.0 if both else 0.0, 1.0 if both else 0.0, 0.0 if both else float("inf"),
                                 0.0, float(n_s), float(n_g))))
-    area_s = np.bincount(s_lab.ravel(), minlength=n_s + 1).astype(np.int64)
-    area_g = np.bincount(g_lab.ravel(), minlength=n_g + 1).astype(np.int64)
-    overlap = np.bincount((s_lab.astype(np.int64) * (n_g + 1) + g_lab).ravel(),
-                          minlength=(n_s + 1) * (n_g + 1)).reshape(n_s + 1, n_g + 1)
-    ov = overlap[1:, 1:]  # (n_s, n_g) object-object overlaps in pixels
-    partner_of_s = np.where(ov.max(axis=1) > 0, ov.argmax(axis=1) + 1, 0)  # argmax: lowest label on ties
-    partner_of_g = np.where(ov.max(axis=0) > 0, ov.argmax(axis=0) + 1, 0)
+    s_obj, g_obj = ObjectSet(s_lab, n_s), ObjectSet(g_lab, n_g)
+    area_s, area_g = s_obj.area, g_obj.area  # object k at index k - 1
+    s_of, g_of, counts = overlap_pairs(s_obj.flat, g_obj.flat, n_g)
+    ov = dict(zip(zip(s_of.tolist(), g_of.tolist()), counts.tolist()))  # (i, j) -> overlapping pixels
+    partner_of_s = best_partner(s_of, g_of, counts, n_s)  # lowest label on ties, 0 without overlap
+    partner_of_g = best_partner(g_of, s_of, counts, n_g)
 
     # F1 (detection)
-    tp = 0
-    for i in range(1, n_s + 1):
-        j = partner_of_s[i - 1]
-        if j and ov[i - 1, j - 1] / area_g[j] > 0.5:
-            tp += 1
+    tp = sum(1 for i, j in enumerate(partner_of_s.tolist(), start=1)
+             if j and ov[(i, j)] / area_g[j - 1] > 0.5)
     fp, fn = n_s - tp, n_g - tp
     f1 = 2.0 * tp / (2.0 * tp + fp + fn)
 
     # object Dice
-    total_s, total_g = area_s[1:].sum(), area_g[1:].sum()
-    dice_s = sum(area_s[i] / total_s * (2.0 * ov[i - 1, j - 1] / (area_s[i] + area_g[j]) if j else 0.0)
-                 for i, j in zip(range(1, n_s + 1), partner_of_s))
-    dice_g = sum(area_g[j] / total_g * (2.0 * ov[i - 1, j - 1] / (area_s[i] + area_g[j]) if i else 0.0)
-                 for j, i in zip(range(1, n_g + 1), partner_of_g))
+    total_s, total_g = area_s.sum(), area_g.sum()
+    dice_s = sum(area_s[i - 1] / total_s * (2.0 * ov[(i, j)] / (area_s[i - 1] + area_g[j - 1]) if j else 0.0)
+                 for i, j in enumerate(partner_of_s.tolist(), start=1))
+    dice_g = sum(area_g[j - 1] / total_g * (2.0 * ov[(i, j)] / (area_s[i - 1] + area_g[j - 1]) if i else 0.0)
+                 for j, i in enumerate(partner_of_g.tolist(), start=1))
     obj_dice = 0.5 * (dice_s + dice_g)
 
     # object Hausdorff
     cache: dict[tuple[int, int], float] = {}
-    s_boxes, g_boxes = ndimage.find_objects(s_lab), ndimage.find_objects(g_lab)
 
     def haus(i: int, j: int) -> float:
         if (i, j) not in cache:
-            region = _union_slices(s_boxes[i - 1], g_boxes[j - 1])
-            cache[(i, j)] = _full_hausdorff(s_lab[region] == i, g_lab[region] == j)
+            cache[(i, j)] = full_hausdorff(s_obj, i, g_obj, j)
         return cache[(i, j)]
 
     h_s = 0.0
-    for i in range(1, n_s + 1):
-        j = partner_of_s[i - 1] or min(range(1, n_g + 1), key=lambda jj: (haus(i, jj), jj))
-        h_s += area_s[i] / total_s * haus(i, j)
+    for i, j in enumerate(partner_of_s.tolist(), start=1):
+        j = j or nearest_by_hausdorff(s_obj, i, g_obj, lambda jj: haus(i, jj))
+        h_s += area_s[i - 1] / total_s * haus(i, j)
     h_g = 0.0
-    for j in range(1, n_g + 1):
-        i = partner_of_g[j - 1] or min(range(1, n_s + 1), key=lambda ii: (haus(ii, j), ii))
-        h_g += area_g[j] / total_g * haus(i, j)
+    for j, i in enumerate(partner_of_g.tolist(), start=1):
+        i = i or nearest_by_hausdorff(g_obj, j, s_obj, lambda ii: haus(ii, j))
+        h_g += area_g[j - 1] / total_g * haus(i, j)
     obj_haus = 0.5 * (h_s + h_g)
     return dict(zip(names, (float(f1), float(obj_dice), float(obj_haus), float(tp), float(fp), float(fn))))

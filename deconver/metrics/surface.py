@@ -113,11 +113,17 @@ def surface_distances(pred, gt, spacing: float | Sequence[float] | None = None) 
         raise ValueError("surface distances need two non-empty masks (empty masks have no surface)")
     box = bounding_box(p, g)
     p, g = p[box], g[box]
-    pts_p = np.argwhere(surface(p)) * sp
-    pts_g = np.argwhere(surface(g)) * sp
-    d_pg = cKDTree(pts_g).query(pts_p, k=1)[0]
-    d_gp = cKDTree(pts_p).query(pts_g, k=1)[0]
-    return d_pg, d_gp
+    return point_distances(np.argwhere(surface(p)) * sp, np.argwhere(surface(g)) * sp)
+
+
+def point_distances(pts_p: np.ndarray, pts_g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Directed nearest-neighbour distances ``(d(pts_p→pts_g), d(pts_g→pts_p))`` of two non-empty point sets."""
+    return cKDTree(pts_g).query(pts_p, k=1)[0], cKDTree(pts_p).query(pts_g, k=1)[0]
+
+
+def directed_percentiles(d_pg: np.ndarray, d_gp: np.ndarray, percentile: float = 95.0) -> tuple[float, float]:
+    """The two directed percentiles (linear interpolation); HD95 is their maximum."""
+    return float(np.percentile(d_pg, percentile)), float(np.percentile(d_gp, percentile))
 
 
 @dataclass(frozen=True)
@@ -158,8 +164,7 @@ def compare_masks(pred, gt, spacing: float | Sequence[float] | None = None, nsd_
     inter = int(np.count_nonzero(p & g))
     dice_value = 2.0 * inter / (n_p + n_g)
     d_pg, d_gp = surface_distances(p, g, sp)
-    h_pg = float(np.percentile(d_pg, percentile))
-    h_gp = float(np.percentile(d_gp, percentile))
+    h_pg, h_gp = directed_percentiles(d_pg, d_gp, percentile)
     nsd_value = float((np.count_nonzero(d_pg <= nsd_tolerance) + np.count_nonzero(d_gp <= nsd_tolerance))
                       / (d_pg.size + d_gp.size))
     return PairMetrics(dice_value, max(h_pg, h_gp), nsd_value, n_g, n_p, h_pg, h_gp)
