@@ -60,12 +60,10 @@ def encode_label(raw: np.ndarray, encoding: str, path: Path, preset) -> tuple[np
             raise DatasetError(f"{path}: unexpected label values {[int(b) if float(b).is_integer() else b for b in bad]}"
                                f"; the preset {preset.name!r} allows {allowed}")
         return raw.astype(np.uint8), None
-    if encoding == "instances":
-        if raw.ndim == 3:  # an RGB-stored instance map: the ids are in every channel
-            raw = raw[..., 0]
-        if raw.dtype.kind == "f" or (raw < 0).any():
-            raise DatasetError(f"{path}: an instance map must hold non-negative integers")
-        instances = raw.astype(np.int32)
+    if encoding == "instances":  # 8/16/32-bit grey or RGB ids; an 8-bit map that may have wrapped is refused
+        from deconver.data.instances import decode_instances
+
+        instances = decode_instances(raw, path)
         return ((instances > 0) * foreground_value(preset)).astype(np.uint8), instances
     if encoding == "threshold":
         if raw.ndim == 3:

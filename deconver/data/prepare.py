@@ -139,11 +139,12 @@ def _spacing(affine, dims: int) -> list[float]:
 
 def prepare_case(case: Case, preset, out_dir: Path, fingerprint: str, dataset: str) -> dict:
     """Preprocess one case into ``out_dir/cases`` and return its manifest entry (written last)."""
+    from deconver.data.instances import instance_warnings
     from deconver.data.loading import allowed_label_values, load_case
 
     inputs = input_stats(case)
     loaded = load_case(case, preset)
-    warnings = degenerate_warnings(loaded)
+    warnings = degenerate_warnings(loaded) + instance_warnings(loaded.instances, case.label)
     image, label, geometry = preprocess(loaded, preset)
     cases_dir = out_dir / CASES_DIR
     files = {"image": f"{CASES_DIR}/{case.id}_image.npy", "label": None}

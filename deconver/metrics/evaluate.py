@@ -114,6 +114,21 @@ def read_label_file(path: str | Path) -> tuple[np.ndarray, tuple[float, ...] | N
     return data.astype(np.int64, copy=False), spacing
 
 
+def read_instance_file(path: str | Path, warn: bool = True) -> np.ndarray:
+    """A ground-truth instance map (by hand, GlaS-like), decoded as the data readers do
+    (``deconver.data.instances``: 16-bit ids, RGB colours, an 8-bit map using all 255 ids refused);
+    a map whose ids look wrapped is warned about on stderr."""
+    from deconver.data.instances import decode_instances, instance_warnings
+    from deconver.data.loading import read_image_2d
+
+    path = Path(path)
+    image_2d = path.name.lower().endswith((".png", ".bmp", ".tif", ".tiff"))
+    instances = decode_instances(read_image_2d(path) if image_2d else read_label_file(path)[0], path)
+    for warning in instance_warnings(instances, path) if warn else []:
+        print(f"deconver evaluate: warning: {warning}", file=sys.stderr)
+    return instances
+
+
 def find_label_file(directory: Path, case: str) -> Path | None:
     for ext in LABEL_SUFFIXES:
         candidate = directory / f"{case}{ext}"
@@ -321,12 +336,12 @@ def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, preset: DatasetPre
         def load_gt(path=path):
             labels, sp = read_label_file(path)
             if is_instance_gt:
-                labels = np.where(labels > 0, label_value, 0)
+                labels = np.where(read_instance_file(path, warn=False) > 0, label_value, 0)
             else:
                 _check_labels(labels, allowed, f"ground truth {path}")
             return labels, tuple(spacing) if spacing is not None else sp
 
-        load_inst = (lambda path=path: read_label_file(path)[0]) if is_instance_gt else None
+        load_inst = (lambda path=path: read_instance_file(path)) if is_instance_gt else None
         load_pred = (lambda pred_path=pred_path, path=path: aligned_prediction(pred_path, path, resample))
         cases.append(CaseInput(case, pred_path, load_gt, load_inst, gt_key=json.dumps(_file_key(path)),
                                load_pred=load_pred))

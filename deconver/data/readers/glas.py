@@ -1,7 +1,8 @@
 """GlaS (MICCAI 2015) reader.
 
 Layout: one flat folder (possibly inside one wrapper folder) with ``train_N.bmp``/``train_N_anno.bmp``,
-``testA_N…``, ``testB_N…`` and ``Grade.csv``. The official subset comes from the name prefix. The
+``testA_N…``, ``testB_N…`` and ``Grade.csv`` (PNG and TIFF files are taken too: instance maps with more than
+255 objects must be 16-bit, which BMP cannot hold; see ``deconver.data.instances``). The official subset comes from the name prefix. The
 annotation is an instance map (0 background, one integer per gland): the target is anno > 0 and the
 instances stay available for object-level metrics. Grade.csv's headers and values carry leading spaces
 and its line endings may be CR-only; both are normalised.
@@ -16,7 +17,9 @@ from pathlib import Path
 from deconver.data.readers._common import check_root, is_synthetic, match_channel_names, unique_cases, walk_files
 from deconver.data.records import Case, DatasetError
 
-_FILE_RE = re.compile(r"^(train|testa|testb)_(\d+)(_anno)?\.bmp$", re.IGNORECASE)
+# the official files are BMP; PNG and TIFF too, so that instance maps with more than 255 objects can be
+# 16-bit (an 8-bit map holds ids up to 255: deconver.data.instances)
+_FILE_RE = re.compile(r"^(train|testa|testb)_(\d+)(_anno)?\.(bmp|png|tiff?)$", re.IGNORECASE)
 _SUBSETS = {"train": "train", "testa": "testA", "testb": "testB"}
 
 
@@ -70,7 +73,7 @@ def read_glas(root: Path, channels: list[str], *, require_label: bool = True) ->
     for case_id, image in images.items():
         label = annos.get(case_id)
         if label is None and require_label:
-            raise DatasetError(f"case {case_id}: missing annotation {image.with_name(image.stem + '_anno.bmp')}")
+            raise DatasetError(f"case {case_id}: missing annotation {image.with_name(image.stem + '_anno' + image.suffix)}")
         grade = grades.get(case_id, {})
         meta = {"format": "image2d", "spacing": [1.0, 1.0], "label_encoding": "instances", "synthetic": synthetic,
                 "resample_channels": [], "zero_channels": [], "grade": grade}
