@@ -478,7 +478,7 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
 
     per_case = pd.concat(per_case_parts, ignore_index=True)
     keep = [c for c in ("study", "dataset", "model", "fold", "case", "region", "metric", "value", "raw_value",
-                        "status", "gt_empty", "pred_empty", "unit", "hd_impl") if c in per_case.columns]
+                        "status", "gt_empty", "pred_empty", "diagonal", "unit", "hd_impl") if c in per_case.columns]
     per_case = per_case[keep].sort_values(["dataset", "model", "fold", "case", "metric", "region"], kind="stable")
     summary = pd.concat(summary_parts, ignore_index=True)
 
