@@ -13,8 +13,12 @@ from deconver.registry import register_model
     defaults=dict(feature_size=24, use_v2=False),
     source="MONAI",
     paper="Hatamizadeh et al., BrainLes 2021 (arXiv:2201.01266); v2: He et al., MICCAI 2023",
-    notes="authors' config: feature_size 24, v1 (use_v2=true for SwinUNETR-v2).",
+    notes="authors' config: feature_size 24, v1 (use_v2=true for SwinUNETR-v2); checkpointing=true: MONAI's "
+    "use_checkpoint (activation checkpointing of every Swin block).",
 )
-def swin_unetr(in_channels, out_channels, spatial_dims, roi_size, **kwargs):
-    """SwinUNETR; any keyword of SwinUNETR overrides the defaults."""
-    return SwinUNETR(in_channels=in_channels, out_channels=out_channels, spatial_dims=spatial_dims, **kwargs)
+def swin_unetr(in_channels, out_channels, spatial_dims, roi_size, *, checkpointing: bool = False, **kwargs):
+    """SwinUNETR; any keyword of SwinUNETR overrides the defaults; ``checkpointing`` is its ``use_checkpoint``."""
+    if "use_checkpoint" in kwargs:
+        raise ValueError("swin_unetr: set checkpointing (the suite's name for MONAI's use_checkpoint), not use_checkpoint")
+    return SwinUNETR(in_channels=in_channels, out_channels=out_channels, spatial_dims=spatial_dims,
+                     use_checkpoint=checkpointing, **kwargs)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from deconver.nn.ndc import IMPLEMENTATIONS, NDC, _as_kernel, pointwise_conv
 from deconver.nn.presets import PRESETS
@@ -88,6 +89,10 @@ class DeconverBlock(nn.Module):
     ``N`` is InstanceNorm (``affine=False``, no parameters); ``MLP = Linear(C->r*C) -> GELU -> Dropout
     -> Linear(r*C->C) -> Dropout`` with ``r = mlp_ratio``.
 
+    With :attr:`checkpointing` set (default off) and gradients enabled, the block keeps only its input
+    for backward and recomputes its forward there (``torch.utils.checkpoint``, non-reentrant, random
+    state preserved): the same values and gradients, less memory, one more forward of the block.
+
     Args:
         channels: width ``C``.
         mlp_ratio: hidden width of the MLP as a multiple of ``C``. Default 4.
@@ -117,10 +122,16 @@ class DeconverBlock(nn.Module):
             _linear(spatial_dims, hidden, channels),
             nn.Dropout(dropout),
         )
+        self.checkpointing = False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor) -> Tensor:
         x = x + self.mixer(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
 
 
 class _DecoderStage(nn.Module):
@@ -170,6 +181,9 @@ class Deconver(nn.Module):
         eps: NDC stabilizer. Default 1e-16.
         dropout: dropout in mixers and MLPs. Default 0.
         ndc_impl: ``"lean"`` (default) or ``"reference"``; switchable later via ``model.ndc_impl``.
+        checkpointing: activation checkpointing of every :class:`DeconverBlock` in training (default
+            False, the paper's computation): same values and gradients, much less memory, about one
+            more forward pass of the blocks per step (docs/nn.md); switchable via ``model.checkpointing``.
 
     Every spatial size of the input must be divisible by :attr:`divisor` ``= 2 ** (len(channels) - 1)``.
 
@@ -203,6 +217,7 @@ class Deconver(nn.Module):
         eps: float = 1e-16,
         dropout: float = 0.0,
         ndc_impl: str = "lean",
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (1, 2, 3):
@@ -229,6 +244,8 @@ class Deconver(nn.Module):
             raise ValueError(f"dropout should be in [0, 1), got {dropout!r}")
         if ndc_impl not in IMPLEMENTATIONS:
             raise ValueError(f"ndc_impl should be one of {IMPLEMENTATIONS}, got {ndc_impl!r}")
+        if not isinstance(checkpointing, bool):
+            raise ValueError(f"checkpointing should be True or False, got {checkpointing!r}")
 
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -264,6 +281,21 @@ class Deconver(nn.Module):
             for i in range(n - 1)
         )
         self.head = conv(channels[0], out_channels, kernel_size=1)
+        self.checkpointing = checkpointing
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether every block recomputes its forward in backward; assigning it switches them all."""
+        return self._checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"checkpointing should be True or False, got {value!r}")
+        self._checkpointing = value
+        for b in self.modules():
+            if isinstance(b, DeconverBlock):
+                b.checkpointing = value
 
     @property
     def divisor(self) -> int:
