@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,6 +29,11 @@ class ConfigError(ValueError):
 # not starting with a dot (so never `.`, `..` or a hidden folder) and no path separator.
 PLAIN_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 _AXES = ({"L", "R"}, {"A", "P"}, {"S", "I"})
+# the deterministic preprocessing steps of `deconver prepare`, in the suite's default order
+PREPROCESSING_STEPS = ("orientation", "crop", "resample", "normalize")
+# how `deconver split` makes the fold file (docs/data.md, "Split")
+SplitMethod = Literal["kfold", "official", "authors"]
+SPLIT_METHODS = typing.get_args(SplitMethod)
 
 
 class Strict(BaseModel):
@@ -43,6 +49,18 @@ class Preprocessing(Strict):
     crop_foreground: bool = Field(True, description="crop to the non-zero bounding box of the image channels")
     crop_margin: int = Field(10, ge=0)
     normalize: Literal["zscore_nonzero", "zscore", "none"] = "zscore_nonzero"
+    order: list[Literal["orientation", "crop", "resample", "normalize"]] = Field(
+        default_factory=lambda: list(PREPROCESSING_STEPS),
+        description="the order of the four steps (the authors' ISLES/BraTS bundles: crop, orientation, normalize, "
+        "resample); a step that is off (no orientation, spacing or crop) is skipped where it stands")
+    align_corners: bool = Field(False, description="resampling grid convention of MONAI `Spacing` (the authors' "
+                                "bundles: true)")
+
+    @model_validator(mode="after")
+    def _check_order(self):
+        if sorted(self.order) != sorted(PREPROCESSING_STEPS):
+            raise ValueError(f"order must name each of {', '.join(PREPROCESSING_STEPS)} once, got {self.order}")
+        return self
 
     @field_validator("orientation")
     @classmethod
@@ -77,6 +95,8 @@ class Augmentation(Strict):
     intensity_shift_prob: float = Field(0.2, ge=0, le=1)
     intensity_shift: float = Field(0.1, ge=0)
     flip_prob: float = Field(0.5, ge=0, le=1)
+    padding_mode: Literal["border", "zeros", "reflection"] = Field(
+        "border", description="RandAffine's padding outside the crop (the authors' bundles: border)")
 
 
 class Protocol(Strict):
@@ -93,7 +113,10 @@ class Protocol(Strict):
     warmup_epochs: int = Field(5, ge=0)
     warmup_start_factor: float = Field(0.1, gt=0, le=1)
     loss: Literal["dicece"] = "dicece"
-    pos_neg_ratio: float = Field(1.0, ge=0, description="foreground:background ratio of random crops")
+    crop: Literal["uniform", "posneg"] = Field(
+        "uniform", description="training crops: uniform = one uniformly placed crop per sample (MONAI "
+        "RandSpatialCropd, the authors' bundles); posneg = RandCropByPosNegLabeld with pos_neg_ratio")
+    pos_neg_ratio: float = Field(1.0, ge=0, description="foreground:background ratio of posneg crops")
     sw_overlap: float = Field(0.5, ge=0, lt=1)
     sw_mode: Literal["gaussian", "constant"] = "gaussian"
     sw_batch_size: int = Field(4, gt=0)
@@ -168,6 +191,7 @@ class DatasetEntry(Strict):
                            "`root` (its folder name is the task, e.g. Task04_Hippocampus) when absent; needs a network")
     overrides: dict[str, Any] = Field(default_factory=dict, description="deep-merged into the preset")
     model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="model -> kwargs, this dataset only")
+    split: SplitMethod | None = Field(None, description="this dataset's split method (default: the study's `split`)")
 
 
 class TrainerSettings(Strict):
@@ -194,7 +218,8 @@ class Study(Strict):
     reports_dir: str = "reports"
     num_folds: int = Field(5, ge=2)
     folds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
-    split: Literal["kfold", "official"] = "kfold"
+    split: SplitMethod = Field("kfold", description="kfold: stratified k-fold; official: the dataset's train/test "
+                               "split; authors: the Deconver authors' folds (ISLES'22, BraTS'23, FIVES)")
     datasets: dict[str, DatasetEntry] = Field(..., min_length=1)
     models: list[str] | Literal["all"] = Field(..., description="registered model names, or 'all'")
     model_dirs: list[str] = Field(default_factory=list, description="extra folders of model files")
@@ -220,6 +245,10 @@ class Study(Strict):
         base = load_preset_dict(entry.preset)
         merged = deep_merge(base, entry.overrides)
         return _validate(DatasetPreset, merged, where=f"datasets.{dataset}.overrides")
+
+    def split_method(self, dataset: str) -> str:
+        """How this dataset's fold file is made: its own `split`, else the study's."""
+        return self._entry(dataset).split or self.split
 
     def model_kwargs(self, dataset: str, model: str) -> dict[str, Any]:
         """Model keyword arguments: study-wide overrides, then this dataset's (which win)."""
@@ -311,5 +340,13 @@ def load_study(source: str | Path | dict) -> Study:
         data, where = _read_yaml(Path(source)), str(source)
     study = _validate(Study, data, where=where)
     for name in study.datasets:
-        study.preset(name)
+        preset = study.preset(name)
+        if study.split_method(name) == "authors":
+            from deconver.data.author_split import available
+
+            if preset.reader not in available():
+                key = f"datasets.{name}.split" if study.datasets[name].split else "split"
+                raise ConfigError(f"invalid configuration in {where}:\n  {key}: 'authors' folds exist for the "
+                                  f"readers {available()}, not for {preset.reader!r} (dataset {name!r}); "
+                                  f"give datasets.{name}.split: kfold")
     return study

@@ -12,7 +12,7 @@ from monai.optimizers import WarmupCosineSchedule
 
 from deconver.config import ConfigError, load_preset
 from deconver.engine.callbacks import AtomicCheckpointIO
-from deconver.engine.datamodule import CaseStore, EpochSampler, TrainDataset
+from deconver.engine.datamodule import CaseStore, EpochSampler, TrainDataset, train_transforms
 from deconver.engine.labels import LabelCodec
 from deconver.engine.losses import SigmoidDiceBCELoss, build_loss
 from deconver.engine.module import lr_factor
@@ -128,8 +128,8 @@ class _Arrays:
 
 
 def test_training_samples_depend_only_on_their_key():
-    protocol = load_preset("hippocampus", {"protocol": {"roi_size": [16, 24, 16], "pos_neg_ratio": 1000.0,
-                                                        "augmentation": {"affine_prob": 1.0, "noise_prob": 1.0}}}).protocol
+    protocol = load_preset("hippocampus", {"protocol": {"roi_size": [16, 24, 16], "crop": "posneg",
+                                                        "pos_neg_ratio": 1000.0, "augmentation": {"affine_prob": 1.0, "noise_prob": 1.0}}}).protocol
     source = _Arrays(4)
     store = CaseStore(source, list(source.data))
     a = TrainDataset(store, protocol, 3, seed=5)
@@ -145,6 +145,36 @@ def test_training_samples_depend_only_on_their_key():
         assert s["label"].sum() > 0  # pos:neg 1000:1 centres crops on the foreground
     other = TrainDataset(store, protocol, 3, seed=6)[keys[0]]
     assert not torch.equal(other["image"], first[0]["image"])
+
+
+def test_paper_presets_crop_uniformly_and_pad_affines_with_the_border():
+    """The authors' bundles: RandSpatialCropd (one uniform crop) and RandAffined(padding_mode='border')."""
+    from monai.transforms import RandAffined, RandCropByPosNegLabeld, RandSpatialCropd
+
+    for name in ("isles22", "brats23", "fives"):
+        preset = load_preset(name)
+        assert preset.protocol.crop == "uniform" and preset.protocol.augmentation.padding_mode == "border"
+        chain = train_transforms(preset.protocol, preset.spatial_dims).transforms
+        assert any(isinstance(t, RandSpatialCropd) for t in chain)
+        assert not any(isinstance(t, RandCropByPosNegLabeld) for t in chain)
+    source = _Arrays(1, shape=(40, 40, 40))
+
+    def samples(crop, padding):
+        protocol = load_preset("hippocampus", {"protocol": {
+            "roi_size": [16, 16, 16], "crop": crop, "pos_neg_ratio": 1000.0,
+            "augmentation": {"affine_prob": 1.0, "rotate_range": 0.5, "scale_range": 0.0, "noise_prob": 0.0,
+                             "smooth_prob": 0.0, "intensity_scale_prob": 0.0, "intensity_shift_prob": 0.0,
+                             "flip_prob": 0.0, "padding_mode": padding}}}).protocol
+        ds = TrainDataset(CaseStore(source, ["c0"]), protocol, 3, seed=1)
+        return [ds[(0, i, 0)] for i in range(24)]
+
+    # uniform crops ignore the label: most 16^3 crops of a 40^3 case miss its 4x6x4 lesion; posneg 1000:1 never does
+    assert sum(int(s["label"].sum() == 0) for s in samples("uniform", "border")) >= 8
+    assert all(s["label"].sum() > 0 for s in samples("posneg", "border"))
+    # border padding repeats edge voxels where the rotation reaches outside the crop; zeros padding writes 0
+    source.data["c0"] = (np.ones_like(source.data["c0"][0]), source.data["c0"][1])
+    assert all((s["image"] != 0).all() for s in samples("uniform", "border"))
+    assert any((s["image"] == 0).any() for s in samples("uniform", "zeros"))
 
 
 def test_small_images_are_padded_to_the_roi():

@@ -14,7 +14,7 @@ from deconver.data.records import DatasetError
 
 MANIFEST = "manifest.json"
 CASES_DIR = "cases"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: geometry records the preprocessing steps in order (`geometry.steps`)
 
 
 class PreparedDataset:

@@ -1,10 +1,10 @@
 """Going back from the prepared grid to the native one: predictions and ground truth for evaluation.
 
-`deconver prepare` records, per case, the native affine/shape, the reorientation, the crop box on the
-reoriented grid and the affines before and after resampling (``entry["geometry"]``). `to_native` undoes
-them in reverse order: resample the prepared grid back onto the cropped grid (MONAI `SpatialResample`
-through the two affines), paste it into the reoriented grid at the crop box (zeros outside), then undo the
-reorientation exactly (a permutation and flips, nibabel's orientation algebra).
+`deconver prepare` records, per case, the native affine/shape and each step that changed the grid, in the
+order it ran (``entry["geometry"]["steps"]``: reorientation, crop box, affines before and after
+resampling). `to_native` undoes them in reverse order: a resampling by resampling back through the two
+affines (MONAI `SpatialResample`, same ``align_corners``), a crop by pasting into the grid before it (zeros
+outside), a reorientation exactly (a permutation and flips, nibabel's orientation algebra).
 """
 from __future__ import annotations
 
@@ -17,24 +17,44 @@ from deconver.data.records import DatasetError
 from deconver.io import atomic_path
 
 
-def inverse_orientation(array: np.ndarray, geometry: dict) -> np.ndarray:
-    """(C, *oriented) -> (C, *native): undo the permutation/flips of the recorded reorientation."""
+def inverse_orientation(array: np.ndarray, step: dict) -> np.ndarray:
+    """(C, *oriented) -> (C, *before): undo the permutation/flips of a recorded reorientation step."""
     import nibabel as nib
 
-    if not geometry.get("orientation"):
-        return array
-    native = np.asarray(geometry["native_affine"], dtype=np.float64)
-    src = nib.orientations.io_orientation(native)
-    dst = nib.orientations.axcodes2ornt(tuple(geometry["orientation"]))
+    src = nib.orientations.io_orientation(np.asarray(step["affine_before"], dtype=np.float64))
+    dst = nib.orientations.axcodes2ornt(tuple(step["axcodes"]))
     back = nib.orientations.ornt_transform(dst, src)
     return np.stack([nib.orientations.apply_orientation(c, back) for c in array])
+
+
+def _inverse_resample(arr: np.ndarray, step: dict, mode: str) -> np.ndarray:
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    dtype = arr.dtype
+    t = MetaTensor(torch.as_tensor(np.ascontiguousarray(arr), dtype=torch.float32),
+                   affine=torch.as_tensor(step["affine_after"], dtype=torch.float64))
+    out = SpatialResample(mode="nearest" if mode == "nearest" else "bilinear", padding_mode="border",
+                          align_corners=bool(step.get("align_corners", False)), dtype=np.float32)(
+        t, dst_affine=torch.as_tensor(step["affine_before"], dtype=torch.float64), spatial_size=step["shape_before"])
+    out = np.asarray(out.as_tensor().numpy())
+    if mode == "nearest" and dtype.kind in "iub":
+        out = np.rint(out)
+    return out.astype(dtype, copy=False)
+
+
+def _inverse_crop(arr: np.ndarray, step: dict) -> np.ndarray:
+    full = np.zeros((arr.shape[0], *step["shape_before"]), dtype=arr.dtype)
+    full[(slice(None), *(slice(s, e) for s, e in zip(step["start"], step["end"])))] = arr
+    return full
 
 
 def to_native(array, entry: dict, mode: str = "nearest") -> np.ndarray:
     """An array (C, *S) on a case's prepared grid, as (C, *native shape) on its native grid.
 
     mode: "nearest" for label maps (values are kept) or "linear" for probabilities/intensities.
-    Voxels the foreground crop removed come back as 0.
+    Voxels the foreground crop removed come back as 0. The recorded steps are undone in reverse order.
     """
     import torch
 
@@ -45,27 +65,19 @@ def to_native(array, entry: dict, mode: str = "nearest") -> np.ndarray:
     if arr.ndim != len(g["prepared_shape"]) + 1 or tuple(arr.shape[1:]) != tuple(g["prepared_shape"]):
         raise ValueError(f"case {entry['id']}: expected an array (C, {', '.join(map(str, g['prepared_shape']))}) "
                          f"on the prepared grid, got {tuple(arr.shape)}")
-    dtype = arr.dtype
-    if g["resampled"]:
-        from monai.data import MetaTensor
-        from monai.transforms import SpatialResample
-
-        t = MetaTensor(torch.as_tensor(np.ascontiguousarray(arr), dtype=torch.float32),
-                       affine=torch.as_tensor(g["prepared_affine"], dtype=torch.float64))
-        out = SpatialResample(mode="nearest" if mode == "nearest" else "bilinear", padding_mode="border",
-                              dtype=np.float32)(t, dst_affine=torch.as_tensor(g["cropped_affine"], dtype=torch.float64),
-                                                spatial_size=g["cropped_shape"])
-        arr = np.asarray(out.as_tensor().numpy())
-        if mode == "nearest" and dtype.kind in "iub":
-            arr = np.rint(arr)
-        arr = arr.astype(dtype, copy=False)
-    start, end = g["crop_start"], g["crop_end"]
-    full = np.zeros((arr.shape[0], *g["oriented_shape"]), dtype=arr.dtype)
-    full[(slice(None), *(slice(s, e) for s, e in zip(start, end)))] = arr
-    native = inverse_orientation(full, g)
-    if tuple(native.shape[1:]) != tuple(g["native_shape"]):
-        raise RuntimeError(f"case {entry['id']}: inversion produced {native.shape[1:]}, expected {g['native_shape']}")
-    return np.ascontiguousarray(native)
+    if "steps" not in g:
+        raise DatasetError(f"case {entry['id']}: its cache entry predates the recorded preprocessing steps; "
+                           "rerun `deconver prepare`")
+    for step in reversed(g["steps"]):
+        if step["step"] == "resample":
+            arr = _inverse_resample(arr, step, mode)
+        elif step["step"] == "crop":
+            arr = _inverse_crop(arr, step)
+        elif step["step"] == "orientation":
+            arr = inverse_orientation(arr, step)
+    if tuple(arr.shape[1:]) != tuple(g["native_shape"]):
+        raise RuntimeError(f"case {entry['id']}: inversion produced {arr.shape[1:]}, expected {g['native_shape']}")
+    return np.ascontiguousarray(arr)
 
 
 # 2D file endings a prediction keeps (Pillow format names); any other 2D source gets PNG

@@ -1,9 +1,7 @@
 """`deconver prepare`: apply a preset's deterministic preprocessing once, into an on-disk cache.
 
-Per case (MONAI transforms): load and check (`loading.load_case`), reorient (`Orientation`, 3D), crop to
-the foreground of the image channels (`CropForeground`, margin), resample to the preset spacing
-(`Spacing`: bilinear for images, nearest for labels), z-score per channel on non-zero voxels
-(`NormalizeIntensity(nonzero=True, channel_wise=True)`). Geometry is recorded so `to_native` can invert it.
+Per case: load and check (`loading.load_case`), then the preset's steps in order (`preprocess.py`:
+reorient, crop to the foreground, resample, z-score), the geometry recorded so `to_native` can invert it.
 
 Cache layout (`cache.py`): ``cases/<id>_image.npy``, ``cases/<id>_label.npy``, ``cases/<id>.json`` (the
 case's manifest entry, written last: its presence means the case is complete), and ``manifest.json``
@@ -58,89 +56,12 @@ def input_stats(case: Case) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- one case
-def _as_list(a) -> list:
-    return np.asarray(a, dtype=np.float64).tolist()
-
-
-def preprocess(loaded, preset) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """(image float32 (C, *S), label uint8 (1, *S) or None, geometry) on the prepared grid."""
-    import nibabel as nib
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import CropForeground, NormalizeIntensity, Orientation, Spacing, SpatialCrop
-
-    pp = preset.preprocessing
-    dims = preset.spatial_dims
-    image = loaded.image
-    if not isinstance(image, MetaTensor):
-        image = MetaTensor(torch.as_tensor(image), affine=torch.as_tensor(loaded.affine))
-    label = None
-    if loaded.label is not None:
-        label = MetaTensor(torch.as_tensor(loaded.label[None].astype(np.float32)), affine=image.affine.clone())
-    geometry: dict[str, Any] = {
-        "native_shape": list(loaded.shape), "native_affine": _as_list(loaded.affine),
-        "native_spacing": list(loaded.spacing), "native_axcodes": loaded.axcodes,
-        "orientation": None,
-    }
-    if dims == 3 and pp.orientation:
-        orient = Orientation(axcodes=pp.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))
-        image = orient(image)
-        label = orient(label) if label is not None else None
-        geometry["orientation"] = pp.orientation
-        # the inversion in native.py uses nibabel's orientation algebra: check that it is what MONAI did
-        ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(loaded.affine),
-                                               nib.orientations.axcodes2ornt(tuple(pp.orientation)))
-        expected = loaded.affine @ nib.orientations.inv_ornt_aff(ornt, loaded.shape)
-        if not np.allclose(np.asarray(image.affine), expected, atol=1e-4):
-            raise RuntimeError("Orientation disagrees with nibabel's orientation transform; cannot record an inverse")
-    geometry["oriented_shape"] = list(image.shape[1:])
-    spatial = np.asarray(image.shape[1:])
-    start, end = np.zeros(dims, dtype=int), spatial.copy()
-    if pp.crop_foreground:
-        cropper = CropForeground(margin=pp.crop_margin, allow_smaller=True)
-        box_start, box_end = (np.asarray(b, dtype=int) for b in cropper.compute_bounding_box(image))
-        if (box_end > box_start).all():  # (an image without any non-zero voxel keeps its whole extent)
-            start, end = np.maximum(box_start, 0), np.minimum(box_end, spatial)
-            crop = SpatialCrop(roi_start=start.tolist(), roi_end=end.tolist())
-            image = crop(image)
-            label = crop(label) if label is not None else None
-    geometry["crop_start"], geometry["crop_end"] = start.tolist(), end.tolist()
-    # label voxels outside the image's foreground box are not in the cache (the native ground truth keeps them)
-    geometry["label_voxels_outside_crop"] = (
-        int(np.count_nonzero(loaded.label)) - int(torch.count_nonzero(label.as_tensor())) if label is not None else 0)
-    geometry["cropped_shape"] = list(image.shape[1:])
-    geometry["cropped_affine"] = _as_list(image.affine)
-    geometry["cropped_spacing"] = _spacing(image.affine, dims)
-    geometry["target_spacing"] = list(pp.spacing) if pp.spacing else None
-    geometry["resampled"] = bool(pp.spacing)
-    if pp.spacing:
-        image = Spacing(pixdim=pp.spacing, mode="bilinear", dtype=np.float32)(image)
-        if label is not None:
-            label = Spacing(pixdim=pp.spacing, mode="nearest", dtype=np.float32)(
-                label, output_spatial_shape=list(image.shape[1:]))
-    geometry["prepared_shape"] = list(image.shape[1:])
-    geometry["prepared_affine"] = _as_list(image.affine)
-    geometry["prepared_spacing"] = _spacing(image.affine, dims)
-    if pp.normalize != "none":
-        image = NormalizeIntensity(nonzero=pp.normalize == "zscore_nonzero", channel_wise=True)(image)
-    img = np.ascontiguousarray(np.asarray(image.as_tensor().numpy(), dtype=np.float32))
-    lab = None
-    if label is not None:
-        lab = np.ascontiguousarray(np.rint(np.asarray(label.as_tensor().numpy())).astype(np.uint8))
-    if not np.isfinite(img).all():
-        raise DatasetError(f"{loaded.source}: preprocessing produced NaN/inf (constant channel?)")
-    return img, lab, geometry
-
-
-def _spacing(affine, dims: int) -> list[float]:
-    a = np.asarray(affine, dtype=np.float64)
-    return np.sqrt((a[:dims, :dims] ** 2).sum(0)).tolist()
-
-
 def prepare_case(case: Case, preset, out_dir: Path, fingerprint: str, dataset: str) -> dict:
     """Preprocess one case into ``out_dir/cases`` and return its manifest entry (written last)."""
     from deconver.data.instances import instance_warnings
     from deconver.data.loading import allowed_label_values, load_case
+
+    from deconver.data.preprocess import preprocess
 
     inputs = input_stats(case)
     loaded = load_case(case, preset)

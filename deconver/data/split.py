@@ -6,6 +6,7 @@ into quantile bins of equal size, shuffled within each bin with the seed and dea
 continuing across bins, so every fold gets a share of each bin and fold sizes differ by at most one.
 official: the dataset's own train/test split (GlaS train vs testA+testB, FIVES train vs test) as a
 single fold whose "val" is the official test set.
+authors: the Deconver authors' published folds (ISLES'22, BraTS'23, FIVES; `deconver.data.author_split`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deconver.config import SPLIT_METHODS
 from deconver.data.records import DatasetError
 
 
@@ -77,11 +79,15 @@ def split_prepared(prepared, *, dataset: str, num_folds: int, seed: int, method:
             raise DatasetError(f"dataset {dataset!r} (preset {ds.preset_name!r}) has no official split; use kfold")
         folds = official_folds(ids, [ds.subset(i) for i in ids])
         num_folds = 1
+    elif method == "authors":
+        from deconver.data.author_split import author_folds
+
+        folds = author_folds(ds.preset.reader, ids, num_folds)
     elif method == "kfold":
         stratify = ds.preset.stratify != "none"
         folds = make_folds(ids, [ds.strata(i) for i in ids] if stratify else None, num_folds, seed)
     else:
-        raise ValueError(f"method must be 'kfold' or 'official', got {method!r}")
+        raise ValueError(f"method must be 'kfold', 'official' or 'authors', got {method!r}")
     return {"dataset": dataset, "seed": seed, "num_folds": num_folds, "method": method, "folds": folds}
 
 
@@ -115,13 +121,14 @@ def load_split(path: str | Path) -> dict:
 
 # --------------------------------------------------------------------------- CLI
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="study config (YAML); uses study.seed, study.num_folds, study.split")
+    parser.add_argument("--config", help="study config (YAML); uses study.seed, study.num_folds and the dataset's "
+                        "split (datasets.<d>.split, else study.split)")
     parser.add_argument("--dataset", help="dataset name in the study")
     parser.add_argument("--prepared", help="hand use: prepared cache folder (instead of --config)")
     parser.add_argument("--out", help="hand use: fold file to write")
     parser.add_argument("--num-folds", type=int, help="number of folds (default: the study's, else 5)")
     parser.add_argument("--seed", type=int, help="seed (default: the study's, else 123)")
-    parser.add_argument("--method", choices=["kfold", "official"], help="default: the study's split, else kfold")
+    parser.add_argument("--method", choices=SPLIT_METHODS, help="default: the study's split, else kfold")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
             paths = StudyPaths.of(study)
             prepared = Path(args.prepared) if args.prepared else paths.prepared(args.dataset)
             out = Path(args.out) if args.out else paths.split(args.dataset)
-            num_folds, seed, method = study.num_folds, study.seed, study.split
+            num_folds, seed, method = study.num_folds, study.seed, study.split_method(args.dataset)
         else:
             if not (args.prepared and args.out):
                 raise ConfigError("give --config and --dataset, or --prepared and --out")

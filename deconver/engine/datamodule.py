@@ -19,17 +19,7 @@ import numpy as np
 import torch
 from monai.data import set_track_meta
 from monai.data.meta_obj import get_track_meta
-from monai.transforms import (
-    Compose,
-    RandAffined,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandGaussianNoised,
-    RandGaussianSmoothd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    SpatialPadd,
-)
+from monai.transforms import Compose
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deconver.config import Protocol
@@ -100,29 +90,47 @@ class CaseStore:
         return self._cache[case_id]
 
 
-def train_transforms(protocol: Protocol, spatial_dims: int) -> Compose:
-    """Random crop of the roi (fg:bg ratio from the preset) then the preset's augmentation (MONAI)."""
+def train_transform_specs(protocol: Protocol, spatial_dims: int) -> list[tuple[str, dict[str, Any]]]:
+    """The training chain as (MONAI transform name, keyword arguments), in order: pad to the roi, one random
+    crop (``protocol.crop``: uniform, or fg:bg ``pos_neg_ratio``), then the preset's augmentation.
+    `train_transforms` builds exactly this; `deconver protocol` prints it."""
     roi = list(protocol.roi_size)
     aug = protocol.augmentation
     keys = ["image", "label"]
-    ratio = protocol.pos_neg_ratio
-    transforms: list[Any] = [
-        SpatialPadd(keys, spatial_size=roi, mode="constant"),
-        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=roi, pos=ratio, neg=1.0, num_samples=1),
-    ]
+    if protocol.crop == "uniform":
+        crop = ("RandSpatialCropd", {"keys": keys, "roi_size": roi, "random_size": False})
+    else:
+        crop = ("RandCropByPosNegLabeld", {"keys": keys, "label_key": "label", "spatial_size": roi,
+                                           "pos": protocol.pos_neg_ratio, "neg": 1.0, "num_samples": 1})
+    specs: list[tuple[str, dict[str, Any]]] = [("SpatialPadd", {"keys": keys, "spatial_size": roi, "mode": "constant"}),
+                                               crop]
     if aug.enabled:
-        rotate = aug.rotate_range if spatial_dims == 2 else (aug.rotate_range,) * 3
-        transforms += [
-            RandAffined(keys, prob=aug.affine_prob, rotate_range=rotate, scale_range=(aug.scale_range,) * spatial_dims,
-                        mode=("bilinear", "nearest"), padding_mode="zeros", spatial_size=roi),
-            RandGaussianNoised("image", prob=aug.noise_prob, mean=0.0, std=aug.noise_std),
-            RandGaussianSmoothd("image", prob=aug.smooth_prob, sigma_x=tuple(aug.smooth_sigma),
-                                sigma_y=tuple(aug.smooth_sigma), sigma_z=tuple(aug.smooth_sigma)),
-            RandScaleIntensityd("image", factors=aug.intensity_scale, prob=aug.intensity_scale_prob),
-            RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=aug.intensity_shift_prob),
+        rotate = aug.rotate_range if spatial_dims == 2 else [aug.rotate_range] * 3
+        sigma = list(aug.smooth_sigma)
+        specs += [
+            ("RandAffined", {"keys": keys, "prob": aug.affine_prob, "rotate_range": rotate,
+                             "scale_range": [aug.scale_range] * spatial_dims, "mode": ["bilinear", "nearest"],
+                             "padding_mode": aug.padding_mode, "spatial_size": roi}),
+            ("RandGaussianNoised", {"keys": "image", "prob": aug.noise_prob, "mean": 0.0, "std": aug.noise_std}),
+            ("RandGaussianSmoothd", {"keys": "image", "prob": aug.smooth_prob, "sigma_x": sigma, "sigma_y": sigma,
+                                     "sigma_z": sigma}),
+            ("RandScaleIntensityd", {"keys": "image", "factors": aug.intensity_scale, "prob": aug.intensity_scale_prob}),
+            ("RandShiftIntensityd", {"keys": "image", "offsets": aug.intensity_shift, "prob": aug.intensity_shift_prob}),
         ]
-        transforms += [RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(spatial_dims)]
-    return Compose(transforms)
+        specs += [("RandFlipd", {"keys": keys, "prob": aug.flip_prob, "spatial_axis": axis})
+                  for axis in range(spatial_dims)]
+    return specs
+
+
+def train_transforms(protocol: Protocol, spatial_dims: int) -> Compose:
+    """The MONAI training chain of `train_transform_specs`."""
+    import monai.transforms as mt
+
+    def arg(value):  # MONAI wants tuples where a pair or a per-axis range is given
+        return tuple(value) if isinstance(value, list) and not all(isinstance(v, str) for v in value) else value
+
+    return Compose([getattr(mt, name)(**{k: (v if k in ("keys", "mode") else arg(v)) for k, v in kwargs.items()})
+                    for name, kwargs in train_transform_specs(protocol, spatial_dims)])
 
 
 class TrainDataset(Dataset):
