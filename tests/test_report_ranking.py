@@ -190,3 +190,41 @@ def test_one_sided_exact_p_and_holm_by_hand():
     # five cases cannot be tested (as the statistics table: fewer than 6 pairs)
     t5 = R.pairwise_tests(x.iloc[:5], "hd95")
     assert t5["p_value"].isna().all() and not t5["significant"].any()
+
+
+# --------------------------------------------------------------------------- the report section
+def test_section_writes_every_table_in_three_formats_and_every_figure(tmp_path):
+    from deconver.report import ranking_section as RS
+    from deconver.report.tables import parse_markdown_table
+
+    dice = clear_winner(n=30).assign(region="r")
+    hd = dice.assign(metric="hd95", value=lambda d: 10 * (1 - d["value"]))
+    per_case = pd.concat([dice, hd], ignore_index=True)
+    per_case = per_case.assign(raw_value=per_case["value"], status="measured", gt_empty=False, pred_empty=False)
+    meta = {"d": dict(rule="penalize", penalty=50.0, hd95_unit="mm")}
+    sections, files = RS.build(per_case, meta, {"d": "r"}, tmp_path, n_boot=200, seed=3,
+                               describe=lambda ds: "SYNTHETIC. ")
+    sec = sections["d"]
+    assert "Kendall's τ median 1.000 (IQR 1.000–1.000)" in sec.summary and "200 bootstrap resamples of the 30" in sec.summary
+    kinds = ("bootstrap", "methods", "significance", "conventions")
+    assert [stem for stem, _ in sec.tables] == [f"d_{m}_{k}" for m in ("dice", "hd95") for k in kinds]
+    for stem, table in sec.tables:
+        for ext in ("md", "tex", "csv"):
+            assert (tmp_path / "ranking" / f"{stem}.{ext}") in files
+        head, body = parse_markdown_table((tmp_path / "ranking" / f"{stem}.md").read_text())
+        csv = pd.read_csv(tmp_path / "ranking" / f"{stem}.csv")
+        assert [r[0] for r in body] == csv["model"].tolist()
+        assert table.caption.startswith("SYNTHETIC. ")
+    boot = pd.read_csv(tmp_path / "ranking" / "d_hd95_bootstrap.csv")
+    assert boot["model"].tolist() == ["a", "b", "c", "e"] and boot["rank_full"].tolist() == [1, 2, 3, 4]
+    conv = pd.read_csv(tmp_path / "ranking" / "d_dice_conventions.csv")
+    assert list(conv.columns) == ["model", "v0", "v1", "changed"] and conv["changed"].eq("no").all()
+    assert "rule=penalize" in sec.tables[3][1].to_markdown() and "No rank changes" in sec.tables[3][1].caption
+    assert [f.stem for f in sec.figures] == [f"ranking_{k}_d" for k in ("blob", "methods", "significance", "conventions")]
+    for f in sec.figures:
+        assert f.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.svg.read_text().lstrip().startswith("<?xml")
+    stability = pd.read_csv(tmp_path / "ranking" / "stability.csv")
+    assert stability[["dataset", "metric", "region"]].values.tolist() == [["d", "dice", "r"], ["d", "hd95", "r"]]
+    assert (stability["n_boot"] == 200).all()
+    pairwise = pd.read_csv(tmp_path / "ranking" / "pairwise.csv")
+    assert len(pairwise) == 2 * 4 * 3

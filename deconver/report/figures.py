@@ -3,7 +3,9 @@
 - per-case Dice distributions per model (one figure per dataset),
 - Dice against FLOPs per voxel with marker size = parameters (the accuracy/cost picture),
 - per-region Dice bars for multi-region datasets (BraTS ET/TC/WT),
-- training curves per model (loss and validation Dice against epoch, mean ± sd over folds).
+- training curves per model (loss and validation Dice against epoch, mean ± sd over folds),
+- the ranking analysis (deconver.report.ranking): bootstrap blob plot, ranks under several rankings
+  as lines (methods, conventions), pairwise significance map.
 """
 from __future__ import annotations
 
@@ -189,3 +191,109 @@ def training_curves(training: pd.DataFrame, dataset: str, directory: Path, capti
             ax.legend(fontsize=7)
         fig.suptitle(title or f"{dataset}: training curves")
     return save(fig, directory, f"training_{dataset}", f"{dataset}: training curves", caption)
+
+
+# --------------------------------------------------------------------------- ranking (deconver.report.ranking)
+def _panels(n: int, width: float, height: float):
+    fig, axes = plt.subplots(1, n, figsize=(min(16, width * n), height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _rank_axis(ax, n_models: int) -> None:
+    ax.set_ylim(n_models + 0.6, 0.4)  # rank 1 on top
+    ax.set_yticks(range(1, n_models + 1))
+    ax.set_ylabel("rank (1 = best)")
+
+
+def blob_plot(panels: list[tuple[str, pd.DataFrame, pd.DataFrame, str]], directory: Path, stem: str, title: str,
+              caption: str) -> Figure | None:
+    """Bootstrap rank distributions (challengeR's blob plot), one panel per (label, frequencies, summary,
+    subtitle): a disc per model and rank with area ∝ the share of resamples, the median rank (×) and
+    the 2.5–97.5 percentile interval (line); models ordered by their full-data rank (red dot)."""
+    panels = [p for p in panels if len(p[2])]
+    if not panels:
+        return None
+    n_models = max(len(s) for _, _, s, _ in panels)
+    with sns.axes_style("whitegrid"):
+        fig, axes = _panels(len(panels), max(4.2, 0.9 * n_models + 1.8), 4.4)
+        for ax, (label, freq, summ, sub) in zip(axes, panels):
+            order = summ.sort_values(["rank_full", "rank_median"], kind="stable").index.tolist()
+            colours = dict(zip(order, sns.color_palette("colorblind", len(order))))
+            x = {m: i for i, m in enumerate(order)}
+            f = freq[freq["model"].isin(order)]
+            ax.scatter([x[m] for m in f["model"]], f["rank"], s=f["share"] * 700, c=[colours[m] for m in f["model"]],
+                       alpha=0.75, edgecolors="none", zorder=2)
+            for m in order:
+                r = summ.loc[m]
+                ax.plot([x[m], x[m]], [r["rank_lo"], r["rank_hi"]], color="black", lw=1.2, zorder=3)
+                ax.scatter([x[m]], [r["rank_median"]], marker="x", color="black", s=40, zorder=4)
+                ax.scatter([x[m] + 0.28], [r["rank_full"]], marker="o", color="#c0392b", s=14, zorder=4)
+            ax.set_xticks(range(len(order)))
+            ax.set_xticklabels(order, rotation=30, ha="right")
+            ax.set_xlim(-0.6, len(order) - 0.4)
+            _rank_axis(ax, n_models)
+            ax.set_title(f"{label}\n{sub}", fontsize=9)
+        fig.suptitle(title, fontsize=10)
+    return save(fig, directory, stem, title, caption)
+
+
+def rank_lines(panels: list[tuple[str, pd.DataFrame, pd.Series | None]], directory: Path, stem: str, title: str,
+               caption: str, xlabel: str = "") -> Figure | None:
+    """Each model's rank under several rankings (methods, or conventions) as lines, one panel per
+    (label, ranks: model × ranking, changed: model → bool or None); models whose rank changes are
+    drawn solid and starred in the legend, the others dashed and faded."""
+    panels = [p for p in panels if p[1].shape[0] and p[1].shape[1]]
+    if not panels:
+        return None
+    n_cols = max(p[1].shape[1] for p in panels)
+    n_models = max(p[1].shape[0] for p in panels)
+    with sns.axes_style("whitegrid"):
+        fig, axes = _panels(len(panels), max(4.2, 1.5 * n_cols + 2.2), 4.4)
+        for ax, (label, ranks, changed) in zip(axes, panels):
+            cols = list(ranks.columns)
+            colours = dict(zip(ranks.index, sns.color_palette("colorblind", len(ranks))))
+            for k, (model, row) in enumerate(ranks.iterrows()):
+                moved = bool(changed[model]) if changed is not None else row.nunique() > 1
+                jitter = (k - (len(ranks) - 1) / 2) * 0.04  # ties stay visible
+                ax.plot(range(len(cols)), row.to_numpy(dtype=float) + jitter, marker="o", color=colours[model],
+                        ls="-" if moved else "--", lw=2 if moved else 1, alpha=1 if moved else 0.55,
+                        label=f"{model}{' *' if moved and changed is not None else ''}")
+            ax.set_xticks(range(len(cols)))
+            ax.set_xticklabels([c.replace(", ", ",\n").replace(" (", "\n(") for c in cols], fontsize=7)
+            ax.set_xlim(-0.3, len(cols) - 0.7)
+            ax.set_xlabel(xlabel)
+            _rank_axis(ax, n_models)
+            ax.set_title(label, fontsize=9)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        fig.suptitle(title, fontsize=10)
+    return save(fig, directory, stem, title, caption)
+
+
+def significance_map(panels: list[tuple[str, pd.DataFrame, list[str]]], directory: Path, stem: str, title: str,
+                     caption: str, alpha: float = 0.05) -> Figure | None:
+    """Pairwise one-sided tests as heat maps, one panel per (label, tests, model order): cell (row A,
+    column B) is filled when A is significantly better than B (Holm-adjusted p < alpha), annotated with
+    that p; rows and columns in ranking order."""
+    from matplotlib.colors import ListedColormap
+
+    panels = [p for p in panels if len(p[1])]
+    if not panels:
+        return None
+    n = max(len(order) for _, _, order in panels)
+    with sns.axes_style("white"):
+        fig, axes = _panels(len(panels), max(4.2, 0.75 * n + 2.0), max(3.6, 0.6 * n + 1.6))
+        for ax, (label, tests, order) in zip(axes, panels):
+            p = tests.pivot(index="model", columns="other", values="p_holm").reindex(index=order, columns=order)
+            sig = p.lt(alpha).astype(float).where(~pd.DataFrame(np.eye(len(order), dtype=bool), index=order,
+                                                                   columns=order))
+            text = p.map(lambda v: "" if not np.isfinite(v) else ("<.001" if v < 0.001 else f"{v:.3f}"))
+            sns.heatmap(sig, ax=ax, cmap=ListedColormap(["#eef1f4", "#e3a21a"]), vmin=0, vmax=1, cbar=False,
+                        annot=text.to_numpy(), fmt="", annot_kws={"fontsize": 7}, linewidths=0.5, linecolor="white",
+                        square=True)
+            ax.set_xlabel("… than this model")
+            ax.set_ylabel("is this model better …")
+            ax.tick_params(axis="x", rotation=30)
+            ax.tick_params(axis="y", rotation=0)
+            ax.set_title(label, fontsize=9)
+        fig.suptitle(title, fontsize=10)
+    return save(fig, directory, stem, title, caption)
