@@ -87,21 +87,20 @@ def child(model: str, preset_name: str, steps: int, batch: str, device: str) -> 
 
 
 def plan(models: list[str], presets: list[str]) -> tuple[list[tuple[str, str]], list[dict]]:
-    """Pairs the registry accepts at the preset's roi, and the skipped ones with the reason."""
-    from deconver import registry
+    """Pairs the study plan's check accepts at the preset's roi, and the skipped ones with the reason."""
     from deconver.config import load_preset
+    from deconver.plan import fit_problem
 
     run, skipped = [], []
     for preset_name in presets:
         preset = load_preset(preset_name)
         for model in models:
-            try:
-                registry.check_model(model, preset.spatial_dims, tuple(preset.protocol.roi_size), {},
-                                     dataset=preset.name)
-            except (ValueError, KeyError, TypeError) as err:
-                skipped.append({"model": model, "preset": preset_name, "status": "skipped", "reason": str(err)})
-                continue
-            run.append((model, preset_name))
+            # the batch is raised to the model's min_batch in `child`: no reason to skip
+            why = fit_problem(model, preset, batch_size=None)
+            if why is None:
+                run.append((model, preset_name))
+            else:
+                skipped.append({"model": model, "preset": preset_name, "status": "skipped", "reason": why})
     return run, skipped
 
 

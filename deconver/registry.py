@@ -687,8 +687,9 @@ def describe_models(pattern: str | None = None, *, config: str | None = None, da
     from tqdm import tqdm
 
     from deconver.config import available_presets, load_preset, load_study
+    from deconver.plan import fit_problem
 
-    if config is not None:
+    if config is not None:  # the study's datasets and kwargs: the same check as its plan (deconver.plan)
         study = load_study(config)
         columns = {d: (study.preset(d), functools.partial(study.model_kwargs, d)) for d in study.datasets}
         model_dirs = [*study.model_dirs, *model_dirs]
@@ -712,7 +713,9 @@ def describe_models(pattern: str | None = None, *, config: str | None = None, da
             try:
                 if dims not in info.dims:
                     raise ModelError(f"{dims}D not supported")
-                registry.check(name, dims, roi, kwargs, dataset=preset.name, batch_size=preset.protocol.batch_size)
+                problem = fit_problem(name, preset, kwargs, registry=registry)
+                if problem is not None:
+                    raise ModelError(problem)
                 row["params"][column] = registry.count_parameters(
                     name, in_channels=preset.in_channels, out_channels=preset.out_channels, spatial_dims=dims,
                     roi_size=roi, dataset=preset.name, **kwargs) if params else None

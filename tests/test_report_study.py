@@ -460,17 +460,29 @@ def test_hand_use_without_a_config_matches(study, tmp_path):
 
 
 def test_models_that_do_not_fit_a_dataset_are_left_out(tmp_path):
-    pytest.importorskip("deconver.registry")
+    """The runs are the study plan's (deconver.plan, as in the workflow): a 2D-only model is left out
+    of the 3D datasets with the reason, and a model that fits none of them stops aggregate as it stops
+    the workflow."""
+    from deconver.plan import PlanError
     from deconver.report.aggregate import plan_from_study
 
     cfg_path = make_study(tmp_path)
+    results = tmp_path / "results" / "demo"
+    shutil.copytree(results / "runs" / "tiny" / "unet", results / "runs" / "tiny" / "smp_unet")
+    shutil.copy(results / "complexity" / "tiny" / "unet.json", results / "complexity" / "tiny" / "smp_unet.json")
     cfg = yaml.safe_load(cfg_path.read_text())
-    cfg["datasets"].pop("tiny")  # 3D datasets only
-    cfg["models"] = ["deconver", "unet", "segresnet", "smp_unet"]  # smp_unet is 2D-only and has no runs
+    cfg["models"] = ["deconver", "unet", "segresnet", "smp_unet"]  # smp_unet is 2D-only: runs on tiny only
     cfg_path.write_text(yaml.safe_dump(cfg))
     plan = plan_from_study(cfg_path)
     for ds in plan.datasets:
-        assert ds.models == ["deconver", "unet", "segresnet"] and "2D" in ds.skipped_models["smp_unet"]
+        if ds.name == "tiny":
+            assert ds.models == ["deconver", "unet", "segresnet", "smp_unet"] and not ds.skipped_models
+        else:
+            assert ds.models == ["deconver", "unet", "segresnet"] and "2D" in ds.skipped_models["smp_unet"]
+    cfg["datasets"].pop("tiny")  # 3D datasets only: smp_unet fits none
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(PlanError, match=r"models: \['smp_unet'\] fit none of the datasets"):
+        plan_from_study(cfg_path)
 
 
 def test_real_evaluate_output_aggregates_and_reports(tmp_path):

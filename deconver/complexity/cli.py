@@ -70,23 +70,20 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _registry(model_dirs=()):
-    try:
-        from deconver import registry
-    except ImportError as err:
-        raise ComplexityError(f"the model registry (deconver.registry) is not available: {err}") from None
-    registry.discover(list(model_dirs))
-    return registry
-
-
 def _build(registry, name: str, preset, roi: list[int], kwargs: dict):
-    """check_model then create_model, with the preset's channels and dims (errors name the model)."""
+    """create_model (which validates first) with the preset's channels and dims; errors name the model."""
     try:
-        registry.check_model(name, preset.spatial_dims, roi, kwargs, dataset=preset.name)
         return registry.create_model(name, in_channels=preset.in_channels, out_channels=preset.out_channels,
                                      spatial_dims=preset.spatial_dims, roi_size=tuple(roi), dataset=preset.name, **kwargs)
     except (KeyError, ValueError, TypeError) as err:
         raise ComplexityError(f"model {name!r} on {preset.name} at roi {tuple(roi)}: {err}") from None
+
+
+def _at_roi(preset, roi: list[int] | None):
+    """The preset with protocol.roi_size replaced by `roi` (the counting roi of a hand request)."""
+    if not roi:
+        return preset
+    return preset.model_copy(update={"protocol": preset.protocol.model_copy(update={"roi_size": list(roi)})})
 
 
 def measure_model(name: str, preset, *, roi: list[int] | None = None, kwargs: dict | None = None, model_dirs=(),
@@ -96,9 +93,11 @@ def measure_model(name: str, preset, *, roi: list[int] | None = None, kwargs: di
     """The record of registered model ``name`` on ``preset`` (a DatasetPreset) at ``roi`` (default: the preset's)."""
     import torch
 
+    from deconver import registry
     from deconver.complexity.record import measure
+    from deconver.plan import load_registry
 
-    registry = _registry(model_dirs)
+    load_registry(model_dirs)
     roi = list(roi or preset.protocol.roi_size)
     kwargs = dict(kwargs or {})
     torch.manual_seed(0)
@@ -195,12 +194,14 @@ def _run_study(args) -> int:
     from deconver.config import load_study
     from deconver.io import provenance, write_json_atomic
     from deconver.paths import StudyPaths
+    from deconver.plan import check_pair
 
     if not args.model:
         raise ComplexityError("--config needs --model (the study's model to measure)")
     study = load_study(args.config)
     preset = study.preset(args.dataset)
     kwargs = {**study.model_kwargs(args.dataset, args.model), **_parse_overrides(args.overrides)}
+    check_pair(study, args.dataset, args.model)  # only the pairs of the study plan (deconver.plan)
     device = args.device or study.complexity.device
     repeats = args.repeats or study.complexity.latency_repeats
     roi = list(args.roi or preset.protocol.roi_size)
@@ -246,15 +247,18 @@ def _run_preset(args) -> int:
     if args.all_models:
         from tqdm import tqdm
 
-        registry = _registry()
+        from deconver.plan import fit_problem, load_registry
+
+        registry = load_registry()
         roi = list(args.roi or preset.protocol.roi_size)
         names = []
-        for name in registry.list_models(args.pattern):
-            try:
-                registry.check_model(name, preset.spatial_dims, roi, {}, dataset=preset.name)
+        for name in registry.names(args.pattern):
+            # measured at batch 1 (training step at min_batch): the batch size is no reason to skip
+            why = fit_problem(name, _at_roi(preset, roi), kwargs, batch_size=None, registry=registry)
+            if why is None:
                 names.append(name)
-            except (KeyError, ValueError, TypeError) as err:
-                print(f"skipping {name}: {err}".splitlines()[0], file=sys.stderr)
+            else:
+                print(f"skipping {name}: {why}".splitlines()[0], file=sys.stderr)
         records = []
         for name in tqdm(names, desc=f"complexity {preset.name}", unit="model", disable=None):
             try:

@@ -85,20 +85,18 @@ def resolve_run(study: Study | str | Path | dict, dataset: str, model: str, fold
 
 
 def check_model_fits(spec: RunSpec) -> None:
-    """The registry's constraints (dims, roi divisibility, fixed size, kwargs) as a ConfigError naming the keys."""
-    from deconver import registry
+    """The study plan's check of the pair (dims, roi divisibility, fixed size, batch, kwargs) as a
+    ConfigError naming the keys; keeps the model's divisor for `check_roi_fits_images`."""
+    from deconver.plan import constraints, load_registry
+    from deconver.registry import ModelError
 
-    if spec.study.model_dirs:
-        registry.discover(spec.study.model_dirs)
     try:
-        constraints = registry.check_model(spec.model, spec.preset.spatial_dims, tuple(spec.protocol.roi_size),
-                                           spec.model_kwargs, dataset=spec.preset.name,
-                                           batch_size=spec.protocol.batch_size)
-    except (ValueError, KeyError, TypeError) as err:
+        found = constraints(spec.model, spec.preset, spec.model_kwargs, registry=load_registry(spec.study.model_dirs))
+    except ModelError as err:
         raise ConfigError(f"model {spec.model!r} on dataset {spec.dataset!r} "
                           f"({spec.where}.roi_size={list(spec.protocol.roi_size)}, "
                           f"model_overrides.{spec.model}={spec.model_kwargs}): {err}") from None
-    spec.extra["divisor"] = tuple(int(d) for d in constraints.divisor)
+    spec.extra["divisor"] = tuple(int(d) for d in found.divisor)
 
 
 def check_roi_fits_images(spec: RunSpec, shapes: list[list[int]]) -> None:

@@ -76,70 +76,19 @@ class Plan:
     seed: int = 123
 
 
-def _registry(model_dirs):
-    """The model registry with models/ and the study's model_dirs loaded, or None if it is absent."""
-    try:
-        from deconver import registry
-    except ImportError:
-        return None
-    registry.discover(list(model_dirs))
-    return registry
-
-
-def _model_fits(registry, model: str, preset, kwargs: dict) -> str | None:
-    """Why the registry leaves `model` out of `preset` (dims, roi or kwargs), or None when it runs.
-
-    Mirrors the workflow (workflow/rules/common.smk): a model the registry does not know is expected
-    to have run, so its files must be there.
-    """
-    if registry is None:
-        return None
-    try:
-        registry.model_info(model)
-    except KeyError:
-        return None
-    try:
-        registry.check_model(model, preset.spatial_dims, tuple(preset.protocol.roi_size), dict(kwargs))
-    except ValueError as err:
-        return str(err)
-    return None
-
-
 def plan_from_study(config: str | Path, results: Path | None = None, reference: str = "deconver") -> Plan:
-    """The aggregation plan of a study config: the datasets × models × folds the workflow ran.
-
-    As in the workflow, a model the registry says does not fit a dataset (dims, roi) is left out of
-    it; the registry (slow to load: it imports every model file) is only asked about a (dataset,
-    model) pair that has no evaluation file at all, or for `models: all`.
-    """
+    """The aggregation plan of a study config: the datasets × models × folds of its study plan
+    (`deconver.plan`, the workflow's), with the skipped pairs and their reasons."""
     from deconver.config import load_study
     from deconver.paths import StudyPaths
+    from deconver.plan import plan_study
 
     study = load_study(config)
-    paths = StudyPaths.of(study)
-    root = Path(results) if results else paths.results
-    registry = _registry(study.model_dirs) if study.models == "all" else None
-    asked = study.models == "all"
+    planned = plan_study(study)
+    root = Path(results) if results else StudyPaths.of(study).results
     specs = []
     for name, entry in study.datasets.items():
         preset = study.preset(name)
-        if study.models == "all" and registry is None:
-            run_dir = root / "runs" / name
-            candidates = sorted(p.name for p in run_dir.iterdir() if p.is_dir()) if run_dir.is_dir() else []
-            if not candidates:
-                raise AggregateError(f"study {study.study!r} has models: all but {run_dir} holds no runs")
-        else:
-            candidates = list(registry.list_models()) if study.models == "all" else list(dict.fromkeys(study.models))
-        models, skipped = [], {}
-        for m in candidates:
-            ran = any((root / "runs" / name / m / f"fold{k}" / "evaluation.csv").is_file() for k in study.folds)
-            if not ran and not asked:
-                registry, asked = _registry(study.model_dirs), True
-            why = None if ran else _model_fits(registry, m, preset, study.model_kwargs(name, m))
-            if why is None:
-                models.append(m)
-            else:
-                skipped[m] = why
         # the prepared manifest knows whether the cases were synthetic (a `synthetic: true` entry only
         # writes stand-ins when its root is absent); without a manifest the entry decides
         synthetic = _manifest_synthetic(root / "prepared" / name / "manifest.json")
@@ -147,7 +96,7 @@ def plan_from_study(config: str | Path, results: Path | None = None, reference: 
             name=name, preset=preset.name, spatial_dims=preset.spatial_dims, regions=list(preset.labels),
             rule=preset.metrics.empty_rule, penalty=preset.metrics.hd95_penalty,
             synthetic=entry.synthetic if synthetic is None else synthetic,
-            models=models, folds=list(study.folds), skipped_models=skipped))
+            models=list(planned.models[name]), folds=list(study.folds), skipped_models=planned.skipped_models(name)))
     return Plan(study=study.study, results=root, datasets=specs, complexity=study.complexity.activate,
                 reference=reference, seed=study.seed)
 

@@ -1,13 +1,12 @@
-"""Helpers of the workflow: the validated study, its paths, its model lists and the rules' resources.
+"""Helpers of the workflow: the validated study, its paths, its runs and the rules' resources.
 
 Everything a rule needs is computed here from one validated study (`deconver.config.load_study`), and
-every path comes from `deconver.paths.StudyPaths`, so the rules and the `deconver` CLI can never
+every path comes from `deconver.paths.StudyPaths` and every run from `deconver.plan`, so the rules and the `deconver` CLI can never
 disagree. Paths are relative to the working directory (the repository root, or `--directory`).
 """
 
 import copy
 import functools
-import importlib
 import re
 import shlex
 import sys
@@ -19,6 +18,7 @@ from snakemake.exceptions import WorkflowError
 from deconver.config import ConfigError, deep_merge, load_study
 from deconver.io import write_text_atomic
 from deconver.paths import StudyPaths
+from deconver.plan import PlanError, StudyPlan, plan_study
 
 
 # --------------------------------------------------------------------------- the study config
@@ -131,77 +131,26 @@ def _note(msg: str) -> None:
 
 
 @functools.cache
-def _registry():
-    """The model registry with models/ and the study's model_dirs discovered (None before it exists)."""
+def study_plan() -> StudyPlan:
+    """The study's runs (`deconver.plan`): the models per dataset; a pair the registry refuses (dims,
+    roi, batch, kwargs) is left out with a printed note, an unknown or unfitting model list stops here."""
     try:
-        registry = importlib.import_module("deconver.registry")
-    except ModuleNotFoundError as err:
-        if err.name == "deconver.registry":
-            _note("deconver.registry is not available: model names are not checked")
-            return None
-        raise
-    try:
-        registry.discover(STUDY.model_dirs)
-    except ValueError as err:  # a model_dirs folder that does not exist
-        raise WorkflowError(f"{CONFIG_NAME}: model_dirs: {err}") from None
-    return registry
-
-
-def _fit_note(registry, model: str, dataset: str) -> str | None:
-    """Why `model` does not fit `dataset` (dims, roi or kwargs), or None when it does."""
-    preset = PRESETS[dataset]
-    try:
-        registry.check_model(model, preset.spatial_dims, tuple(preset.protocol.roi_size),
-                             STUDY.model_kwargs(dataset, model), dataset=preset.name)
-    except ValueError as err:
-        return str(err)
-    return None
-
-
-@functools.cache
-def study_models() -> dict[str, tuple[str, ...]]:
-    """dataset -> the models run on it: the study's list (or every registered model for `models: all`)
-    minus those whose dims or roi constraints the dataset cannot meet (left out with a printed note)."""
-    registry = _registry()
-    if STUDY.models == "all":
-        if registry is None:
-            raise WorkflowError(f"{CONFIG_NAME}: models: all needs the model registry (deconver.registry)")
-        names = list(registry.list_models())
-    else:
-        names = list(dict.fromkeys(STUDY.models))
-        if registry is not None:
-            for name in names:
-                try:
-                    registry.model_info(name)
-                except KeyError as err:
-                    raise WorkflowError(f"{CONFIG_NAME}: models: {err.args[0] if err.args else err}") from None
-    out = {}
-    for dataset in DATASETS:
-        kept = []
-        for name in names:
-            why = _fit_note(registry, name, dataset) if registry is not None else None
-            if why is None:
-                kept.append(name)
-            else:
-                _note(f"{name} is left out of {dataset}: {why}")
-        if not kept:
-            raise WorkflowError(f"{CONFIG_NAME}: no model of {names} fits dataset {dataset!r}")
-        out[dataset] = tuple(kept)
-    if STUDY.models != "all":
-        unused = [n for n in names if not any(n in kept for kept in out.values())]
-        if unused:
-            raise WorkflowError(f"{CONFIG_NAME}: models: {unused} fit none of the datasets {DATASETS}")
-    return out
+        plan = plan_study(STUDY)
+    except PlanError as err:
+        raise WorkflowError(f"{CONFIG_NAME}: {err}") from None
+    for skip in plan.skips:
+        _note(f"{skip.model} is left out of {skip.dataset}: {skip.reason}")
+    return plan
 
 
 def pairs() -> list[tuple[str, str]]:
     """Every (dataset, model) of the study."""
-    return [(d, m) for d, models in study_models().items() for m in models]
+    return study_plan().pairs()
 
 
 # --------------------------------------------------------------------------- targets
 def evaluation_files(wildcards=None) -> list[str]:
-    return [str(PATHS.evaluation(d, m, k)) for d, m in pairs() for k in FOLDS]
+    return [str(PATHS.evaluation(r.dataset, r.model, r.fold)) for r in study_plan().runs]
 
 
 def complexity_files(wildcards=None) -> list[str]:
@@ -263,4 +212,4 @@ def logfile(rule: str, *parts: str) -> str:
 # Resolve the model lists now in the main process, so an unknown or unfitting model stops the run
 # before any job with a plain message (cluster jobs re-read this file and skip it).
 if not workflow.remote_exec:
-    study_models()
+    study_plan()
