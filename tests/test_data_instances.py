@@ -8,9 +8,9 @@ from PIL import Image
 
 from deconver.config import load_preset
 from deconver.data import DatasetError, PreparedDataset, load_native_instances, read_dataset
-from deconver.data.instances import decode_instances
+from deconver.data.instances import decode_instances, read_instance_file
 from deconver.data.prepare import prepare_dataset
-from deconver.metrics.evaluate import evaluate_folder, read_instance_file
+from deconver.metrics.evaluate import evaluate_folder
 
 GRADES = "name,patient ID, grade (GlaS), grade (Sirinukunwattana et al. 2015)\r"
 

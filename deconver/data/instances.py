@@ -14,6 +14,7 @@ Documented in docs/data.md ("Instance maps").
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +74,27 @@ def instance_warnings(instances: np.ndarray | None, path) -> list[str]:
     return [f"{path}: instance id(s) {shown} ({len(ids)} in all) each mark several separate objects; if this map "
             f"was ever stored with 8 bits, ids above {MAX_8BIT_IDS} wrapped around and merged objects (keep "
             "instance maps as 16-bit PNG or TIFF); object metrics count each id as one object"]
+
+
+def read_instance_file(path: str | Path, warn: bool = True) -> np.ndarray:
+    """An instance map file (2D image, or NIfTI) decoded as above; a map whose ids look wrapped is warned
+    about on stderr (`warn`). Used by ``deconver evaluate --gt-dir`` for ground-truth instance maps."""
+    from deconver.data.loading import read_image_2d
+
+    path = Path(path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            raw = np.asanyarray(nib.load(str(path)).dataobj)
+        except Exception as err:  # nibabel raises many types for broken files
+            raise DatasetError(f"{path}: cannot read NIfTI file ({type(err).__name__}: {err})") from None
+        raw = raw[..., 0] if raw.ndim == 4 and raw.shape[-1] == 1 else raw
+        if raw.dtype.kind == "f" and np.array_equal(raw, np.round(raw)):
+            raw = raw.astype(np.int64)
+    else:
+        raw = read_image_2d(path)
+    instances = decode_instances(raw, path)
+    for warning in instance_warnings(instances, path) if warn else []:
+        print(f"warning: {warning}", file=sys.stderr)
+    return instances

@@ -30,6 +30,7 @@ import pandas as pd
 
 from deconver import __version__
 from deconver.config import ConfigError, DatasetPreset, load_preset, load_study
+from deconver.data.instances import read_instance_file
 from deconver.data.records import DatasetError
 from deconver.io import atomic_path, provenance, write_json_atomic
 from deconver.metrics.challenge import brats23_lesionwise, glas_object_metrics, isles22_metrics, label_components
@@ -114,21 +115,6 @@ def read_label_file(path: str | Path) -> tuple[np.ndarray, tuple[float, ...] | N
     return data.astype(np.int64, copy=False), spacing
 
 
-def read_instance_file(path: str | Path, warn: bool = True) -> np.ndarray:
-    """A ground-truth instance map (by hand, GlaS-like), decoded as the data readers do
-    (``deconver.data.instances``: 16-bit ids, RGB colours, an 8-bit map using all 255 ids refused);
-    a map whose ids look wrapped is warned about on stderr."""
-    from deconver.data.instances import decode_instances, instance_warnings
-    from deconver.data.loading import read_image_2d
-
-    path = Path(path)
-    image_2d = path.name.lower().endswith((".png", ".bmp", ".tif", ".tiff"))
-    instances = decode_instances(read_image_2d(path) if image_2d else read_label_file(path)[0], path)
-    for warning in instance_warnings(instances, path) if warn else []:
-        print(f"deconver evaluate: warning: {warning}", file=sys.stderr)
-    return instances
-
-
 def find_label_file(directory: Path, case: str) -> Path | None:
     for ext in LABEL_SUFFIXES:
         candidate = directory / f"{case}{ext}"
@@ -205,9 +191,12 @@ def evaluate_case(case: str, pred: np.ndarray, gt: np.ndarray, spacing: Sequence
 
 
 def evaluate_cases(cases: Sequence[CaseInput], preset: DatasetPreset, *, ids: dict | None = None,
-                   progress: str | None = None) -> pd.DataFrame:
-    """The long table of all cases (checks first that every prediction exists, naming the missing ones)."""
-    from tqdm import tqdm
+                   progress: str | None = None, workers: int | None = None) -> pd.DataFrame:
+    """The long table of all cases (checks first that every prediction exists, naming the missing ones).
+
+    Cases run in parallel on `workers` processes (default: the cores this process may use), with a
+    progress bar and one log line per case (``deconver.metrics.parallel``)."""
+    from deconver.metrics.parallel import map_cases
 
     missing = [c.case for c in cases if not c.pred_path.is_file()]
     if missing:
@@ -215,23 +204,27 @@ def evaluate_cases(cases: Sequence[CaseInput], preset: DatasetPreset, *, ids: di
         raise EvaluationError(f"missing prediction for case(s) {shown} (looked for <case>.nii.gz/.png in "
                               f"{cases[0].pred_path.parent if cases else '?'})")
     allowed = {v for values in preset.labels.values() for v in values}
-    rows: list[dict] = []
-    for c in tqdm(cases, desc=progress or f"evaluate {preset.name}", unit="case", disable=None, file=sys.stderr):
-        gt, spacing = c.load_gt()
-        gt = np.asarray(gt)
-        pred, pred_spacing = c.load_pred() if c.load_pred is not None else read_label_file(c.pred_path)
-        _check_labels(pred, allowed, f"prediction {c.pred_path}")
-        if pred.shape != gt.shape:
-            raise EvaluationError(f"case {c.case}: prediction {c.pred_path} has shape {pred.shape}, "
-                                  f"the ground truth {gt.shape}")
-        if pred_spacing is not None and spacing is not None and gt.ndim == 3 and \
-                not np.allclose(pred_spacing, spacing, rtol=1e-3, atol=1e-4):
-            raise EvaluationError(f"case {c.case}: prediction {c.pred_path} has spacing {pred_spacing}, "
-                                  f"the ground truth {tuple(spacing)}")
-        instances = c.load_instances() if c.load_instances is not None else None
-        rows.extend(evaluate_case(c.case, pred, gt, spacing, preset, gt_instances=instances, ids=ids))
-    table = pd.DataFrame(rows, columns=COLUMNS)
+    per_case = map_cases(lambda c: _evaluate_input(c, preset, allowed, ids), cases, names=[c.case for c in cases],
+                         workers=workers, desc=progress or f"evaluate {preset.name}")
+    table = pd.DataFrame([row for rows in per_case for row in rows], columns=COLUMNS)
     return table
+
+
+def _evaluate_input(c: CaseInput, preset: DatasetPreset, allowed: set[int], ids: dict | None) -> list[dict]:
+    """Load one case's ground truth and prediction, check them, and compute its rows."""
+    gt, spacing = c.load_gt()
+    gt = np.asarray(gt)
+    pred, pred_spacing = c.load_pred() if c.load_pred is not None else read_label_file(c.pred_path)
+    _check_labels(pred, allowed, f"prediction {c.pred_path}")
+    if pred.shape != gt.shape:
+        raise EvaluationError(f"case {c.case}: prediction {c.pred_path} has shape {pred.shape}, "
+                              f"the ground truth {gt.shape}")
+    if pred_spacing is not None and spacing is not None and gt.ndim == 3 and \
+            not np.allclose(pred_spacing, spacing, rtol=1e-3, atol=1e-4):
+        raise EvaluationError(f"case {c.case}: prediction {c.pred_path} has spacing {pred_spacing}, "
+                              f"the ground truth {tuple(spacing)}")
+    instances = c.load_instances() if c.load_instances is not None else None
+    return evaluate_case(c.case, pred, gt, spacing, preset, gt_instances=instances, ids=ids)
 
 
 # --------------------------------------------------------------------------- writing
@@ -260,7 +253,7 @@ def is_up_to_date(csv_path: Path, fingerprint: str) -> bool:
 
 
 def write_evaluation(cases: Sequence[CaseInput], preset: DatasetPreset, out: Path, *, ids: dict,
-                     force: bool = False, extra_info: dict | None = None) -> Path:
+                     force: bool = False, extra_info: dict | None = None, workers: int | None = None) -> Path:
     """Evaluate `cases` into `out` (CSV) + its JSON sidecar, atomically; a no-op when up to date."""
     out = Path(out)
     fingerprint = _fingerprint(cases, preset, ids, extra_info)
@@ -269,7 +262,7 @@ def write_evaluation(cases: Sequence[CaseInput], preset: DatasetPreset, out: Pat
         return out
     label = "/".join(str(ids[k]) for k in ("dataset", "model") if ids.get(k)) or preset.name
     fold = ids.get("fold")
-    table = evaluate_cases(cases, preset, ids=ids,
+    table = evaluate_cases(cases, preset, ids=ids, workers=workers,
                            progress=f"evaluate {label}" + (f"/fold{fold}" if fold not in (None, "") else ""))
     with atomic_path(out) as tmp:
         table.to_csv(tmp, index=False, na_rep="nan")
@@ -302,7 +295,7 @@ def write_evaluation(cases: Sequence[CaseInput], preset: DatasetPreset, out: Pat
 def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, preset: DatasetPreset | str, out: str | Path, *,
                     gt_suffix: str = "", spacing: Sequence[float] | None = None, study: str = "",
                     dataset: str | None = None, model: str = "", fold: int | str = "", force: bool = False,
-                    resample: bool = False) -> Path:
+                    resample: bool = False, workers: int | None = None) -> Path:
     """Hand-use mode: pair ``gt_dir/<case>[gt_suffix].<ext>`` with ``pred_dir/<case>.<ext>`` and evaluate.
 
     A NIfTI prediction must lie on its ground truth's grid (`deconver.metrics.geometry`): otherwise an
@@ -346,13 +339,13 @@ def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, preset: DatasetPre
         cases.append(CaseInput(case, pred_path, load_gt, load_inst, gt_key=json.dumps(_file_key(path)),
                                load_pred=load_pred))
     ids = {"study": study, "dataset": dataset or preset.name, "model": model, "fold": fold}
-    return write_evaluation(cases, preset, Path(out), ids=ids, force=force,
+    return write_evaluation(cases, preset, Path(out), ids=ids, force=force, workers=workers,
                             extra_info={"pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "resample": resample,
                                         "spacing_override": list(spacing) if spacing is not None else None})
 
 
 def evaluate_run(config: str | Path, dataset: str, model: str, fold: int, *, base: str | Path = ".",
-                 force: bool = False) -> Path:
+                 force: bool = False, workers: int | None = None) -> Path:
     """Pipeline mode: the fold's validation cases of one run, against the prepared ground truth."""
     from deconver.paths import StudyPaths
 
@@ -388,7 +381,7 @@ def evaluate_run(config: str | Path, dataset: str, model: str, fold: int, *, bas
         cases.append(CaseInput(case, pred_path, lambda entry=entry: data.load_native_label(entry), load_inst,
                                gt_key=hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode()).hexdigest()))
     ids = {"study": study.study, "dataset": dataset, "model": model, "fold": fold}
-    return write_evaluation(cases, preset, paths.evaluation(dataset, model, fold), ids=ids, force=force,
+    return write_evaluation(cases, preset, paths.evaluation(dataset, model, fold), ids=ids, force=force, workers=workers,
                             extra_info={"split_file": str(split_file), "manifest": str(manifest),
                                         "predictions": str(pred_dir)})
 
@@ -412,6 +405,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resample", action="store_true",
                         help="by hand: resample a NIfTI prediction that is not on its ground truth's grid (nearest "
                              "neighbour) instead of refusing it")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="cases evaluated in parallel (processes); default: the cores this job may use")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -424,14 +419,15 @@ def run(args: argparse.Namespace) -> int:
                 missing.append("--fold")
             if missing:
                 raise EvaluationError(f"pipeline mode needs {' '.join(missing)}")
-            evaluate_run(args.config, args.dataset, args.model, args.fold, force=args.force)
+            evaluate_run(args.config, args.dataset, args.model, args.fold, force=args.force, workers=args.workers)
         else:
             missing = [f"--{n.replace('_', '-')}" for n in ("pred_dir", "gt_dir", "preset", "out") if not getattr(args, n)]
             if missing:
                 raise EvaluationError(f"give --config STUDY --dataset D --model M --fold K, or {' '.join(missing)}")
             evaluate_folder(args.pred_dir, args.gt_dir, args.preset, args.out, gt_suffix=args.gt_suffix,
                             spacing=args.spacing, study=args.study, dataset=args.dataset, model=args.model,
-                            fold="" if args.fold is None else args.fold, force=args.force, resample=args.resample)
+                            fold="" if args.fold is None else args.fold, force=args.force, resample=args.resample,
+                            workers=args.workers)
     except (EvaluationError, ConfigError, DatasetError) as err:
         print(f"deconver evaluate: error: {err}", file=sys.stderr)
         return 1

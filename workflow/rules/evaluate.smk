@@ -13,12 +13,12 @@ rule evaluate:
         logfile("evaluate", "{dataset}", "{model}", "fold{fold}"),
     params:
         study=str(STUDY_FILE),
-    threads: 1
+    threads: local_threads(4)  # cases in parallel, one process each
     resources:
         cpus_per_task=lambda wildcards, threads: threads,
         **RESOURCES["evaluate"],
     shell:
-        cli("evaluate", model=True, fold=True) + " > {log} 2>&1"
+        cli("evaluate", model=True, fold=True) + " --workers {threads} > {log} 2>&1"
 
 
 rule complexity:
