@@ -15,6 +15,7 @@ from deconver import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("deconver.registry", "list the registered models (table or --json)"),
     "synth": ("deconver.data.synth", "write a synthetic stand-in dataset in an official layout"),
+    "preset": ("deconver.data.autopreset", "print a commented dataset preset planned from the data (--from ROOT)"),
     "prepare": ("deconver.data.prepare", "preprocess a dataset once into the on-disk cache"),
     "split": ("deconver.data.split", "write the stratified k-fold split file of a dataset"),
     "train": ("deconver.engine.train", "train one (study, dataset, model, fold) run"),

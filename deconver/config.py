@@ -48,7 +48,12 @@ class Preprocessing(Strict):
     spacing: list[float] | None = Field(None, description="target spacing per axis; None keeps the native grid")
     crop_foreground: bool = Field(True, description="crop to the non-zero bounding box of the image channels")
     crop_margin: int = Field(10, ge=0)
-    normalize: Literal["zscore_nonzero", "zscore", "none"] = "zscore_nonzero"
+    normalize: Literal["zscore_nonzero", "zscore", "ct", "none"] = Field(
+        "zscore_nonzero", description="z-score per channel (on non-zero voxels, or all); ct: clip to ct_stats' "
+        "window, then z-score with its mean and std (nnU-Net's CT normalisation)")
+    ct_stats: list[list[float]] | None = Field(
+        None, description="normalize: ct only: per channel [clip low, clip high, mean, std] of the foreground "
+        "intensities (written by `deconver preset --from`)")
     order: list[Literal["orientation", "crop", "resample", "normalize"]] = Field(
         default_factory=lambda: list(PREPROCESSING_STEPS),
         description="the order of the four steps (the authors' ISLES/BraTS bundles: crop, orientation, normalize, "
@@ -60,6 +65,10 @@ class Preprocessing(Strict):
     def _check_order(self):
         if sorted(self.order) != sorted(PREPROCESSING_STEPS):
             raise ValueError(f"order must name each of {', '.join(PREPROCESSING_STEPS)} once, got {self.order}")
+        if (self.normalize == "ct") != (self.ct_stats is not None):
+            raise ValueError("normalize: ct needs ct_stats (per channel [low, high, mean, std]), and only it does")
+        if self.ct_stats and any(len(s) != 4 or s[0] >= s[1] or s[3] <= 0 for s in self.ct_stats):
+            raise ValueError("ct_stats: each entry is [low, high, mean, std] with low < high and std > 0")
         return self
 
     @field_validator("orientation")
@@ -172,6 +181,9 @@ class DatasetPreset(Strict):
             raise ValueError(f"protocol.roi_size has {len(self.protocol.roi_size)} entries but spatial_dims is {self.spatial_dims}")
         if self.preprocessing.spacing is not None and len(self.preprocessing.spacing) != self.spatial_dims:
             raise ValueError(f"preprocessing.spacing has {len(self.preprocessing.spacing)} entries but spatial_dims is {self.spatial_dims}")
+        if self.preprocessing.ct_stats is not None and len(self.preprocessing.ct_stats) != len(self.channels):
+            raise ValueError(f"preprocessing.ct_stats has {len(self.preprocessing.ct_stats)} entries for "
+                             f"{len(self.channels)} channels")
         if self.task == "binary" and len(self.labels) != 1:
             raise ValueError("task 'binary' needs exactly one entry in labels")
         if any(v <= 0 for vals in self.labels.values() for v in vals):
@@ -183,7 +195,9 @@ class DatasetPreset(Strict):
 class DatasetEntry(Strict):
     """One dataset of a study: which preset, where the data lies, and what the study changes."""
 
-    preset: str = Field(..., description="preset name (config/datasets/<preset>.yaml) or a path to a preset file")
+    preset: str | None = Field(None, description="preset name (config/datasets/<preset>.yaml) or a path to a preset "
+                               "file; omitted: planned from the data at `root` (an nnU-Net v2 or MSD dataset), as "
+                               "`deconver preset --from` does, and kept in <results>/<study>/presets/<dataset>.yaml")
     root: str = Field(..., description="dataset root in its official layout")
     synthetic: bool = Field(False, description="write a synthetic stand-in at `root` when it is absent")
     synth_cases: int = Field(12, gt=0, description="number of synthetic cases")
@@ -192,6 +206,12 @@ class DatasetEntry(Strict):
     overrides: dict[str, Any] = Field(default_factory=dict, description="deep-merged into the preset")
     model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="model -> kwargs, this dataset only")
     split: SplitMethod | None = Field(None, description="this dataset's split method (default: the study's `split`)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.preset is None and (self.synthetic or self.download):
+            raise ValueError("preset: needed with synthetic or download (a preset is planned only from data on disk)")
+        return self
 
 
 class TrainerSettings(Strict):
@@ -242,7 +262,12 @@ class Study(Strict):
     def preset(self, dataset: str) -> DatasetPreset:
         """The dataset's preset with this study's overrides merged in, validated."""
         entry = self._entry(dataset)
-        base = load_preset_dict(entry.preset)
+        if entry.preset is None:
+            from deconver.data.autopreset import study_preset  # heavy (reads the data once, then a cached file)
+
+            base = study_preset(self, dataset)
+        else:
+            base = load_preset_dict(entry.preset)
         merged = deep_merge(base, entry.overrides)
         return _validate(DatasetPreset, merged, where=f"datasets.{dataset}.overrides")
 

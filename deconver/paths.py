@@ -4,6 +4,7 @@ The CLI steps and the Snakemake rules both build paths through `StudyPaths`, so 
 disagree. Layout (``<R>`` = results_dir/<study>)::
 
     <R>/prepared/<dataset>/manifest.json    preprocessing cache (`deconver prepare`)
+    <R>/presets/<dataset>.yaml              preset planned from the data (a dataset without `preset`)
     <R>/splits/<dataset>.json               fold file (`deconver split`)
     <R>/runs/<dataset>/<model>/fold<k>/     one training run (`deconver train`):
         checkpoints/{last,best}.ckpt, final.ckpt, train_log.csv, run.json, model.json
@@ -36,6 +37,10 @@ class StudyPaths:
 
     def manifest(self, dataset: str) -> Path:
         return self.prepared(dataset) / "manifest.json"
+
+    def preset(self, dataset: str) -> Path:
+        """The preset planned from the data for a dataset the study names without one."""
+        return self.results / "presets" / f"{dataset}.yaml"
 
     def split(self, dataset: str) -> Path:
         return self.results / "splits" / f"{dataset}.json"

@@ -14,7 +14,7 @@ import pytest
 from deconver.config import DatasetPreset, load_preset
 from deconver.data import DatasetError, native_suffix, read_dataset, save_native
 from deconver.data.loading import load_case, read_sitk
-from deconver.data.prepare import preprocess
+from deconver.data.preprocess import preprocess
 from deconver.data.readers.nnunet import parse_labels
 from nnunet_data import DIRECTION, convert_msd, write_regions_dataset, write_rgb_png_dataset
 

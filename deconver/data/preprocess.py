@@ -3,7 +3,7 @@
 Steps: reorient (`Orientation`, 3D), crop to the foreground of the image channels (`CropForeground`,
 margin), resample to the preset spacing (`Spacing`: bilinear for images, nearest for labels,
 ``align_corners`` from the preset), z-score per channel (`NormalizeIntensity(nonzero=True,
-channel_wise=True)`). Each step that changes the grid appends what undoes it to ``geometry["steps"]``
+channel_wise=True)`, or clip + z-score with fixed CT statistics). Each step that changes the grid appends what undoes it to ``geometry["steps"]``
 (`deconver.data.native.to_native` walks them backwards). `preprocessing_specs` describes the same steps
 for `deconver protocol`.
 """
@@ -136,11 +136,18 @@ def _resample(image, label, preset, geometry):
 
 
 def _normalize(image, label, preset, geometry):
-    """z-score per channel (on the non-zero voxels with ``zscore_nonzero``)."""
+    """z-score per channel (on the non-zero voxels with ``zscore_nonzero``); ``ct``: clip each channel to its
+    ``ct_stats`` window, then z-score with their mean and std (nnU-Net's CT normalisation)."""
+    import torch
     from monai.transforms import NormalizeIntensity
 
     mode = preset.preprocessing.normalize
-    if mode != "none":
+    if mode == "ct":
+        stats = preset.preprocessing.ct_stats
+        low, high, mean, std = (torch.tensor([s[i] for s in stats]).view(-1, *[1] * preset.spatial_dims)
+                                for i in range(4))
+        image = (image.clamp(low, high) - mean) / std
+    elif mode != "none":
         image = NormalizeIntensity(nonzero=mode == "zscore_nonzero", channel_wise=True)(image)
     return image, label
 
@@ -169,6 +176,8 @@ def preprocessing_specs(preset) -> list[dict[str, Any]]:
                         "mode": ["bilinear", "nearest"], "align_corners": pp.align_corners,
                         "padding_mode": "border"} if pp.spacing else
                        {"step": step, "transform": None, "note": "off (spacing: null, the native grid is kept)"})
+        elif pp.normalize == "ct":
+            out.append({"step": step, "transform": "clip + z-score (ct)", "ct_stats": pp.ct_stats})
         else:
             out.append({"step": step, "transform": "NormalizeIntensity", "nonzero": pp.normalize == "zscore_nonzero",
                         "channel_wise": True} if pp.normalize != "none" else
