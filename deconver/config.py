@@ -130,6 +130,10 @@ class Protocol(Strict):
     sw_mode: Literal["gaussian", "constant"] = "gaussian"
     sw_batch_size: int = Field(4, gt=0)
     threshold: float = Field(0.5, gt=0, lt=1, description="sigmoid threshold for binary/region outputs")
+    region_decoding: Literal["match", "priority"] = Field(
+        "match", description="regions tasks, the written label map: match = the label value whose region membership "
+        "agrees with most thresholded channels; priority = the authors' recombination, first entry of `labels` "
+        "over the next (BraTS: ET -> 3 over TC -> 1 over WT -> 2)")
     precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
     accumulate_grad_batches: int = Field(1, gt=0)
     num_workers: int = Field(2, ge=0)
@@ -146,6 +150,9 @@ class MetricRules(Strict):
         "diagonal", description="mm (or px), > 0, or the image diagonal")
     nsd_tolerance: float = Field(1.0, gt=0, description="normalized surface Dice tolerance, mm (px in 2D)")
     challenge: Literal["isles22", "brats23", "glas"] | None = Field(None, description="also compute this challenge's metrics")
+    region_source: Literal["channels", "label_map"] = Field(
+        "label_map", description="regions tasks: score each region from its own thresholded sigmoid channel "
+        "(channels, the authors' way) or from the decoded label map (label_map)")
 
 
 class DatasetPreset(Strict):

@@ -7,7 +7,7 @@ disagree. Layout (``<R>`` = results_dir/<study>)::
     <R>/presets/<dataset>.yaml              preset planned from the data (a dataset without `preset`)
     <R>/splits/<dataset>.json               fold file (`deconver split`)
     <R>/runs/<dataset>/<model>/fold<k>/     one training run (`deconver train`):
-        checkpoints/{last,best}.ckpt, final.ckpt, train_log.csv, run.json, model.json
+        checkpoints/{last,best}.ckpt, final.ckpt, train_log.csv, run.json, model.json, protocol.json
         predictions/<case>.nii.gz|.png      (`deconver predict`)
         evaluation.csv                      per-case metrics (`deconver evaluate`)
     <R>/complexity/<dataset>/<model>.json   (`deconver complexity`)
@@ -50,6 +50,10 @@ class StudyPaths:
 
     def final_checkpoint(self, dataset: str, model: str, fold: int) -> Path:
         return self.run(dataset, model, fold) / "final.ckpt"
+
+    def protocol(self, dataset: str, model: str, fold: int) -> Path:
+        """The resolved recipe of a run (`deconver protocol`), written by `deconver train`."""
+        return self.run(dataset, model, fold) / "protocol.json"
 
     def predictions(self, dataset: str, model: str, fold: int) -> Path:
         return self.run(dataset, model, fold) / "predictions"

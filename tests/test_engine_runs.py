@@ -122,6 +122,10 @@ def test_run_folder_records_and_noop_rerun(synthetic, isles_run, capfd):
     assert {"deconver_version", "git_commit", "torch_version", "device"} <= set(record["provenance"])
     model = json.loads((run / "model.json").read_text())
     assert (model["name"], model["in_channels"], model["out_channels"], model["roi_size"]) == ("unet", 2, 1, [24, 24, 16])
+    recipe = json.loads((run / "protocol.json").read_text())  # `deconver protocol`, beside the checkpoints
+    assert recipe["training"]["epochs"] == 4 and recipe["model"] == "unet" and recipe["model_kwargs"] == TINY_UNET
+    assert recipe["crop_sampling"]["mode"] == "uniform" and recipe["split"]["val_sizes"][0] == record["val_cases"]
+    assert [t["transform"] for t in recipe["training_transforms"]][:2] == ["SpatialPadd", "RandSpatialCropd"]
     rows = _read_log(run / "train_log.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
     assert [bool(r["val_dice"]) for r in rows] == [False, True, False, True]  # every 2 epochs and the last

@@ -25,12 +25,26 @@ class LabelCodec:
     names: tuple[str, ...]
     values: tuple[tuple[int, ...], ...]
     threshold: float = 0.5
+    decoding: str = "match"  # regions: "match" or "priority" (`protocol.region_decoding`)
 
     @classmethod
     def from_preset(cls, preset: DatasetPreset) -> "LabelCodec":
         return cls(task=preset.task, names=tuple(preset.labels),
                    values=tuple(tuple(int(v) for v in vals) for vals in preset.labels.values()),
-                   threshold=float(preset.protocol.threshold))
+                   threshold=float(preset.protocol.threshold), decoding=preset.protocol.region_decoding)
+
+    def priority_values(self) -> list[tuple[str, int]]:
+        """(region, label value) in priority order: each entry of ``labels`` writes the smallest of its values
+        that no earlier entry covers (BraTS ET -> 3, TC -> 1, WT -> 2, the authors' recombination)."""
+        out, taken = [], set()
+        for name, vals in zip(self.names, self.values):
+            free = sorted(set(vals) - taken)
+            if not free:
+                raise ValueError(f"region {name!r}: all its label values {list(vals)} belong to earlier regions; "
+                                 "priority decoding needs one of its own")
+            out.append((name, free[0]))
+            taken |= set(vals)
+        return out
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -82,6 +96,11 @@ class LabelCodec:
             return out_values[p.argmax(dim=0)].numpy()
         if self.task == "binary":
             return torch.where(p[0] > self.threshold, self.values[0][0], 0).to(torch.uint8).numpy()
+        if self.decoding == "priority":  # the first thresholded region in `labels` order wins
+            out = torch.zeros(p.shape[1:], dtype=torch.uint8)
+            for (_, value), channel in reversed(list(zip(self.priority_values(), p))):
+                out = torch.where(channel > self.threshold, value, out)
+            return out.numpy()
         # regions: pick the label value whose membership pattern agrees with the most predicted regions;
         # ties are broken by the likelihood of that pattern under the per-channel sigmoid probabilities.
         candidates = [0] + sorted({v for vals in self.values for v in vals})

@@ -1,6 +1,7 @@
 """`deconver train`: one (study, dataset, model, fold) run on Lightning, resumable and requeue-safe.
 
 Run folder (docs/ARCHITECTURE.md, "Runs"): ``run.json`` (resolved config + provenance), ``model.json``,
+``protocol.json`` (the recipe of `deconver protocol`),
 ``train_log.csv``, ``checkpoints/{last,best}.ckpt`` and ``final.ckpt``, written last: its presence means
 the run is finished and a rerun does nothing. Without it, a rerun resumes from the newest of
 ``checkpoints/last.ckpt`` and Lightning's SLURM ``hpc_ckpt_*.ckpt``; on SLURM, Lightning's
@@ -73,6 +74,11 @@ def _write_records(spec: RunSpec, train_ids: list[str], val_ids: list[str], acce
 
     prov = provenance("cuda" if accelerator == "gpu" else "cpu")
     write_json_atomic(spec.run_dir / "model.json", {**spec.model_record(), "provenance": prov})
+    from deconver.protocol import resolve_protocol
+
+    write_json_atomic(spec.paths.protocol(spec.dataset, spec.model, spec.fold),
+                      {**resolve_protocol(spec.study, spec.dataset, spec.model, paths=spec.paths,
+                                          preset=spec.preset), "provenance": prov})
     write_json_atomic(spec.run_dir / "run.json", {
         "study": spec.study.study, "dataset": spec.dataset, "model": spec.model, "fold": spec.fold,
         "seed": spec.study.seed, "fingerprint": spec.fingerprint(),
