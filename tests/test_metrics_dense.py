@@ -90,3 +90,20 @@ def test_brats23_lesionwise_equal_the_reference_with_many_lesions(spacing, leak)
         ours = brats23_lesionwise(pred, gt, spacing, min_volume=10.0)
         assert ours["brats23_lw_tp"] >= 5
         _assert_same(ours, reference.brats23_lesionwise(pred, gt, spacing, min_volume=10.0))
+
+
+@pytest.mark.parametrize("percentile", [0.0, 50.0, 95.0, 100.0])
+def test_nearest_distance_percentile_is_exact(percentile):
+    from scipy.spatial import cKDTree
+
+    from deconver.metrics.objects import nearest_distance_percentile
+
+    rng = np.random.default_rng(int(percentile))
+    for trial in range(5):
+        small = rng.integers(0, 6, (30, 3)) * np.array([0.9, 0.9, 2.0]) + rng.integers(0, 50, 3)
+        big = rng.integers(0, 80, (5000, 3)) * np.array([0.9, 0.9, 2.0])
+        if trial == 0:
+            big[:2500] = big[0]  # many equal distances
+        tree = cKDTree(small)
+        full = float(np.percentile(tree.query(big, k=1)[0], percentile))
+        assert nearest_distance_percentile(big, tree, small, percentile) == full

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from deconver.metrics.objects import (ObjectSet, best_partner, full_hausdorff, nearest_by_hausdorff,
                                       overlap_pairs)
-from deconver.metrics.surface import _check_pair, as_spacing, bounding_box, directed_percentiles
+from deconver.metrics.surface import _check_pair, as_spacing, bounding_box
 
 BRATS_PENALTY = 374.0
 
@@ -122,7 +122,7 @@ def brats23_lesionwise(pred, gt, spacing: float | Sequence[float] | None = None,
         pred_voxels = sum(int(preds.area[m - 1]) for m in matches)
         overlap = sum(inter_of.get((k, m), 0) for m in matches)
         dices.append(2.0 * overlap / (pred_voxels + int(lesions.area[k - 1])))
-        hd = max(directed_percentiles(*preds.union_surface_distances(matches, lesions, k)))
+        hd = max(preds.union_percentiles(matches, lesions, k))
         hds.append(hd if math.isfinite(hd) else float(penalty))
     n_fp = n_pred - len(matched_pred)
     denom = len(dices) + n_fp
@@ -142,7 +142,12 @@ def brats23_lesionwise(pred, gt, spacing: float | Sequence[float] | None = None,
 
 # --------------------------------------------------------------------------- GlaS
 def _relabel(instances: np.ndarray) -> tuple[np.ndarray, int]:
-    """Instance map → consecutive labels 1..n (0 stays background)."""
+    """Instance map → consecutive labels 1..n in the order of the ids (0 stays background)."""
+    flat = instances.ravel()
+    if flat.size and flat.dtype.kind in "iu" and flat.min() >= 0 and flat.max() <= 4 * flat.size + 65536:
+        present = np.bincount(flat) > 0  # a lookup table instead of sorting the pixels
+        rank = np.cumsum(present, dtype=np.int64) - (1 if present[0] else 0)
+        return rank[flat].reshape(instances.shape).astype(np.int32), int(present.sum() - present[0])
     values, inverse = np.unique(instances, return_inverse=True)
     inverse = inverse.reshape(instances.shape)
     if values[0] == 0:
