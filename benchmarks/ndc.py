@@ -47,6 +47,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("reference", "lean")
+# glibc maps every allocation of 64 KiB or more and returns it on free: the RSS follows the live tensors
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,7 +92,20 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _profile(step, dev, top: int = 15) -> list[dict]:
+def cpu_peak_mib(step) -> float:
+    """MiB the resident set grows by at its highest during ``step()`` over what it was before it (run the
+    process with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so it follows the live tensors)."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _rss_kib("VmRSS")
+    step()
+    return (_rss_kib("VmHWM") - base) / 1024
+
+
+def profile_top(step, dev, top: int = 15) -> list[dict]:
     """The ``top`` operators and kernels of one iteration by self time on the device (CPU: on the CPU),
     from ``torch.profiler``: name, calls, self milliseconds and share of the iteration's total."""
     import torch
@@ -173,7 +188,7 @@ def worker(cfg: dict, impl: str, mode: str, device: str, warmup: int, repeats: i
         step()
     result = {}
     if mode == "profile":
-        return dict(profile=_profile(step, dev))
+        return dict(profile=profile_top(step, dev))
     if mode == "memory":
         zero()
         if dev.type == "cuda":
@@ -183,14 +198,7 @@ def worker(cfg: dict, impl: str, mode: str, device: str, warmup: int, repeats: i
             step()
             result["peak_mib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
         else:
-            import gc
-
-            gc.collect()
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            base = _rss_kib("VmRSS")
-            step()
-            result["peak_mib"] = (_rss_kib("VmHWM") - base) / 1024
+            result["peak_mib"] = cpu_peak_mib(step)
         return result
     times = [step() for _ in range(repeats)]
     result["forward_s"] = statistics.median(t[0] for t in times)
@@ -210,7 +218,7 @@ def worker(cfg: dict, impl: str, mode: str, device: str, warmup: int, repeats: i
 def run_worker(cfg: dict, impl: str, mode: str, args, extra_env: dict | None = None) -> dict:
     env = dict(os.environ, **(extra_env or {}))
     if mode == "memory" and args.device == "cpu":
-        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        env.update(MALLOC_ENV)
     payload = json.dumps(dict(cfg=cfg, impl=impl, mode=mode, device=args.device, warmup=args.warmup,
                               repeats=args.repeats if cfg["kind"] == "layer" else args.net_repeats,
                               threads=args.threads))

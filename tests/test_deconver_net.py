@@ -182,3 +182,31 @@ def test_docstring_examples_run():
         for test in finder.find(obj, globs={"torch": torch, "Deconver": Deconver, "NDC": NDC}):
             runner.run(test)
         assert runner.failures == 0 and runner.tries > 0, obj
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_block_keeps_no_normalised_input_nor_hidden_activation(dims):
+    """The block recomputes its two normalisations and the MLP's GELU in backward instead of storing
+    them: the same output and gradients, bit for bit, as the plain modules
+    (``x + mixer(norm1(x))``, ``y + mlp(norm2(y))``), and two normalised inputs (``C`` channels each)
+    plus one hidden activation (``mlp_ratio * C``) fewer elements kept for backward."""
+    torch.manual_seed(0)
+    block = DeconverBlock(8, spatial_dims=dims)
+    x = torch.rand(2, 8, *[6] * dims, requires_grad=True)
+    gy = torch.randn_like(x)
+
+    def run(plain: bool):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            if plain:
+                y = x + block.mixer(block.norm1(x))
+                y = y + block.mlp(block.norm2(y))
+            else:
+                y = block(x)
+        grads = torch.autograd.grad(y, [x, *block.parameters()], gy)
+        return y, grads, sum(saved)
+
+    y0, g0, n0 = run(plain=True)
+    y1, g1, n1 = run(plain=False)
+    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert n0 - n1 >= (2 + 4) * 2 * 8 * 6 ** dims
