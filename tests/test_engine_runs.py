@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import lightning.pytorch as L
 import torch
@@ -240,8 +241,27 @@ def test_predict_3d_native_grid_of_cropped_resampled_cases(synthetic, isles_run,
         assert p.min() >= 0 and p.max() <= 1
         # the label map is the thresholded probability map
         np.testing.assert_array_equal(np.asarray(pred.dataobj) == 1, p[..., 0] > 0.5)
+        # the thresholded outputs on the prepared grid, for the authors' metric convention
+        with np.load(out / f"{case}_prepared.npz") as f:
+            masks = f["masks"]
+        assert masks.shape == (1, *g["prepared_shape"]) and masks.dtype == bool
     record = json.loads((out / "predictions.json").read_text())
     assert record["cases"] == val and "provenance" in record
+    # every convention from these predictions: suite and challenge on the native grid, authors on the prepared one
+    from deconver.metrics.evaluate import evaluate_run
+
+    cfg = _write(_study(synthetic), synthetic / "study_eval.yaml")
+    table = pd.read_csv(evaluate_run(cfg, "isles22", "unet", 0, base=synthetic))
+    assert set(table["convention"]) == {"suite", "authors", "challenge"}
+    authors = table[table["convention"] == "authors"]
+    assert set(authors["metric"]) == {"dice", "hd95"} and set(authors.loc[authors["metric"] == "hd95", "unit"]) == {"vox"}
+    for case in val:  # Dice of the saved masks against the prepared label, as MONAI computes it
+        with np.load(out / f"{case}_prepared.npz") as f:
+            m = f["masks"][0]
+        lab = prepared.load(case)[1][0] > 0
+        expected = 2 * (m & lab).sum() / (m.sum() + lab.sum()) if m.sum() + lab.sum() else float("nan")
+        got = authors[(authors["case"] == case) & (authors["metric"] == "dice")]["value"].item()
+        assert got == pytest.approx(expected, nan_ok=True)
     stamp = {p: p.stat().st_mtime_ns for p in out.iterdir()}
     capfd.readouterr()
     predict(_study(synthetic), "isles22", "unet", 0, probabilities=True, progress=False)

@@ -60,8 +60,9 @@ def test_hand_mode_nifti_brats(brats_dirs, tmp_path, capsys):
     rc = main(["evaluate", "--pred-dir", str(pred_dir), "--gt-dir", str(gt_dir), "--preset", "brats23",
                "--out", str(out), "--model", "unet", "--fold", "0", "--study", "demo"])
     assert rc == 0
-    df = pd.read_csv(out)
-    assert list(df.columns) == COLUMNS
+    every = pd.read_csv(out)
+    assert list(every.columns) == COLUMNS and set(every["convention"]) == {"suite", "challenge"}  # no prepared grid by hand
+    df = every[every["convention"] == "suite"]
     assert set(df["hd_impl"]) == {HD_IMPL}
     assert set(df["spacing"]) == {"1x1x2"}
     assert set(df[df["metric"] == "hd95"]["unit"]) == {"mm"}
@@ -90,6 +91,19 @@ def test_hand_mode_nifti_brats(brats_dirs, tmp_path, capsys):
     # the shift by 2 voxels along axis 0 (1 mm) gives HD95 2 mm on the whole tumour
     wt1 = df[(df["case"] == "BraTS-GLI-00001-000") & (df["region"] == "WT")].set_index("metric")
     assert wt1.loc["hd95", "value"] == pytest.approx(2.0)
+    # the challenge convention: whole-region and lesion-wise HD95 by the surface-distance package
+    import surface_distance
+
+    challenge = every[every["convention"] == "challenge"]
+    assert len(challenge) == 2 * len(preset.labels) * (2 + 5)  # dice, hd95 + lesion-wise dice, hd95, tp, fp, fn
+    for case, (g, p) in {"BraTS-GLI-00001-000": (brats_labels(), brats_labels(shift=2))}.items():
+        for region, values in preset.labels.items():
+            gm, pm = np.isin(g, values), np.isin(p, values)
+            rows = challenge[(challenge["case"] == case) & (challenge["region"] == region)].set_index("metric")
+            ref = surface_distance.compute_robust_hausdorff(
+                surface_distance.compute_surface_distances(gm, pm, SPACING), 95)
+            assert rows.loc["hd95", "value"] == pytest.approx(ref, abs=1e-6)
+            assert rows.loc["hd95", "hd_impl"] == "surface-distance-robust-hd95"
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["hd_impl"] == HD_IMPL and "hd_definition" in side and side["nsd_tolerance"] == 1.0
     assert side["provenance"]["deconver_version"] and side["cases"] == ["BraTS-GLI-00001-000", "BraTS-GLI-00002-000"]
@@ -103,7 +117,7 @@ def test_hand_mode_nifti_brats(brats_dirs, tmp_path, capsys):
     write_nifti(pred_dir / "BraTS-GLI-00001-000.nii.gz", brats_labels(shift=0))
     assert main(["evaluate", "--pred-dir", str(pred_dir), "--gt-dir", str(gt_dir), "--preset", "brats23",
                  "--out", str(out), "--model", "unet", "--fold", "0", "--study", "demo"]) == 0
-    df2 = pd.read_csv(out)
+    df2 = pd.read_csv(out).query("convention == 'suite'")
     wt = df2[(df2["case"] == "BraTS-GLI-00001-000") & (df2["region"] == "WT")].set_index("metric")
     assert wt.loc["dice", "value"] == 1.0 and wt.loc["hd95", "value"] == 0.0
 
@@ -157,7 +171,7 @@ def test_hand_mode_png_glas_instances(tmp_path):
     Image.fromarray(pred).save(pred_dir / "testA_1.png")
     (gt_dir / "Grade.csv").write_text("name, grade\r")  # stray non-image file is ignored
     out = evaluate_folder(pred_dir, gt_dir, "glas", tmp_path / "glas.csv", gt_suffix="_anno")
-    df = pd.read_csv(out).set_index("metric")
+    df = pd.read_csv(out).query("convention == 'suite'").set_index("metric")
     assert set(df["case"]) == {"testA_1"} and set(df["region"]) == {"gland"}
     assert df.loc["hd95", "unit"] == "px" and df.loc["glas_object_hausdorff", "unit"] == "px"
     ref = glas_object_metrics(label_components(pred > 0)[0], anno)
@@ -190,7 +204,7 @@ def test_real_isles22_case_against_monai(tmp_path):
     shutil.copy(ISLES_CASE, gt_dir / "sub-strokecase0009.nii.gz")
     nib.save(nib.Nifti1Image(pred.astype(np.uint8), img.affine, img.header), str(pred_dir / "sub-strokecase0009.nii.gz"))
     out = evaluate_folder(pred_dir, gt_dir, "isles22", tmp_path / "isles.csv", model="x", fold=1)
-    df = pd.read_csv(out).set_index("metric")
+    df = pd.read_csv(out).query("convention == 'suite'").set_index("metric")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = compute_hausdorff_distance(torch.from_numpy(pred[None, None]).float(), torch.from_numpy(gt[None, None]).float(),

@@ -25,6 +25,7 @@ from deconver.config import ConfigError, Study
 from deconver.engine.run import RunSpec, open_prepared, read_fold, resolve_run
 
 CHECKPOINTS = ("final", "best", "last")
+MASKS_FORMAT = 1  # `mask_paths` written beside each label map (a folder without them is predicted again)
 
 
 def checkpoint_path(spec: RunSpec, which: str = "final") -> Path:
@@ -95,6 +96,29 @@ def prediction_paths(out_dir: Path, case_id: str, spatial_dims: int, suffix: str
     return out_dir / f"{case_id}{suffix or '.nii.gz'}", out_dir / f"{case_id}_prob.nii.gz"
 
 
+def mask_paths(out_dir: Path, case_id: str, spatial_dims: int) -> tuple[Path, Path]:
+    """(thresholded output masks on the prepared grid, ``.npz`` with ``masks`` (K, *S) bool — what the
+    ``authors`` metric convention scores; region channels on the native grid as a bitmask label image,
+    bit k = output k — what ``metrics.region_source: channels`` scores)."""
+    return out_dir / f"{case_id}_prepared.npz", out_dir / f"{case_id}_channels{'.png' if spatial_dims == 2 else '.nii.gz'}"
+
+
+def save_masks(probs: np.ndarray, native: np.ndarray, entry: dict, codec, out_dir: Path) -> None:
+    """Write `mask_paths` of one case from its probabilities on the prepared and the native grid."""
+    import torch
+
+    from deconver.data import save_native
+    from deconver.io import atomic_path
+
+    prepared_path, channels_path = mask_paths(out_dir, entry["id"], entry["spatial_dims"])
+    masks = codec.discretize(torch.from_numpy(np.ascontiguousarray(probs))[None])[0].numpy()
+    with atomic_path(prepared_path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, masks=masks)
+    if codec.task == "regions":
+        bits = sum((native[k] > codec.threshold).astype(np.uint8) << k for k in range(len(codec.names)))
+        save_native(np.asarray(bits, dtype=np.uint8), entry, channels_path)
+
+
 def predict(study: Study | str | Path | dict, dataset: str, model: str, fold: int, *, base: str | Path = ".",
             probabilities: bool = False, input_dir: str | Path | None = None, output_dir: str | Path | None = None,
             checkpoint: str = "final", device: str | None = None, progress: bool = True) -> Path:
@@ -124,7 +148,8 @@ def predict(study: Study | str | Path | dict, dataset: str, model: str, fold: in
         _, case_ids = read_fold(spec)
         out_dir = Path(output_dir) if output_dir is not None else spec.paths.predictions(dataset, model, fold)
     record_path = out_dir / "predictions.json"
-    wanted = {"checkpoint": _file_id(ckpt), "cases": list(case_ids), "probabilities": bool(probabilities)}
+    wanted = {"checkpoint": _file_id(ckpt), "cases": list(case_ids), "probabilities": bool(probabilities),
+              "masks": MASKS_FORMAT}
     if record_path.is_file():
         try:
             old = json.loads(record_path.read_text())
@@ -151,6 +176,7 @@ def predict(study: Study | str | Path | dict, dataset: str, model: str, fold: in
         native = to_native(probs, entry, mode="linear")
         label_path, prob_path = prediction_paths(out_dir, case_id, entry["spatial_dims"], native_suffix(entry))
         save_native(codec.to_label_map(native), entry, label_path)
+        save_masks(probs, native, entry, codec, out_dir)
         if probabilities:
             save_probabilities(native, entry, prob_path)
         written.append(label_path.name)

@@ -26,7 +26,7 @@ import pandas as pd
 
 SIMILARITY_METRICS = frozenset({"dice", "nsd"})
 DISTANCE_METRICS = frozenset({"hd95"})
-GROUP_KEYS = ("study", "dataset", "model", "fold", "region", "metric")
+GROUP_KEYS = ("study", "dataset", "model", "fold", "convention", "region", "metric")
 STATUSES = ("measured", "both_empty", "penalized", "excluded")
 
 Penalty = float | Literal["diagonal"]

@@ -14,7 +14,7 @@ docs/metrics.md.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -65,7 +65,8 @@ def isles22_metrics(pred, gt, spacing: float | Sequence[float] | None = None) ->
 
 # --------------------------------------------------------------------------- BraTS 2023
 def brats23_lesionwise(pred, gt, spacing: float | Sequence[float] | None = None, *, dilation: int = 3,
-                       min_volume: float = 50.0, penalty: float = BRATS_PENALTY) -> dict[str, float]:
+                       min_volume: float = 50.0, penalty: float = BRATS_PENALTY,
+                       hd95: Callable[[np.ndarray, np.ndarray, Sequence[float]], float] | None = None) -> dict[str, float]:
     """BraTS 2023 lesion-wise Dice and HD95 of one region (binary masks, spacing in mm).
 
     GT lesions: 26-connected components of the GT dilated ``dilation`` times by the 18-connected
@@ -76,7 +77,8 @@ def brats23_lesionwise(pred, gt, spacing: float | Sequence[float] | None = None,
     ≤ ``min_volume`` mm³ are left out of the averages (their matches are not false positives); predicted
     components matching no GT lesion are false positives, each adding Dice 0 / HD95 ``penalty``:
     ``LW-Dice = Σ dice / (n_lesions + n_fp)``, ``LW-HD95 = (Σ hd95 + penalty·n_fp) / (n_lesions + n_fp)``;
-    1 and 0 when that denominator is 0.
+    1 and 0 when that denominator is 0. ``hd95(pred_mask, lesion_mask, spacing)`` replaces the suite's HD95
+    of a lesion (the ``challenge`` convention passes the surface-distance package's).
     """
     p, g = _check_pair(pred, gt)
     sp = as_spacing(spacing, p.ndim)
@@ -122,7 +124,10 @@ def brats23_lesionwise(pred, gt, spacing: float | Sequence[float] | None = None,
         pred_voxels = sum(int(preds.area[m - 1]) for m in matches)
         overlap = sum(inter_of.get((k, m), 0) for m in matches)
         dices.append(2.0 * overlap / (pred_voxels + int(lesions.area[k - 1])))
-        hd = max(preds.union_percentiles(matches, lesions, k))
+        if hd95 is None:
+            hd = max(preds.union_percentiles(matches, lesions, k))
+        else:
+            hd = hd95(np.isin(pred_lab, matches), lesion_lab == k, sp)
         hds.append(hd if math.isfinite(hd) else float(penalty))
     n_fp = n_pred - len(matched_pred)
     denom = len(dices) + n_fp

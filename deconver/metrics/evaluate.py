@@ -34,11 +34,12 @@ from deconver.data.instances import read_instance_file
 from deconver.data.records import DatasetError
 from deconver.io import atomic_path, provenance, write_json_atomic
 from deconver.metrics.challenge import brats23_lesionwise, glas_object_metrics, isles22_metrics, label_components
+from deconver.metrics.conventions import authors_rows, challenge_rows, run_loaders
 from deconver.metrics.geometry import aligned_prediction
 from deconver.metrics.surface import HD_DEFINITION, HD_IMPL, compare_masks, diagonal
 
 COLUMNS = ["study", "dataset", "model", "fold", "case", "region", "metric", "value", "gt_voxels", "pred_voxels",
-           "gt_empty", "pred_empty", "spacing", "unit", "hd_impl", "diagonal"]
+           "gt_empty", "pred_empty", "spacing", "unit", "hd_impl", "diagonal", "convention"]
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".png", ".bmp", ".tif", ".tiff", ".mha", ".nrrd")
 SITK_SUFFIXES = (".mha", ".nrrd")  # 3D label maps read with SimpleITK (nnU-Net datasets, predictions of them)
 CHALLENGE_UNITS = {"isles22_volume_diff_ml": "ml", "brats23_lw_hd95": "mm", "glas_object_hausdorff": "px"}
@@ -58,6 +59,8 @@ class CaseInput:
     load_instances: Callable[[], np.ndarray] | None = None
     gt_key: str = ""  # what identifies the ground truth, for the rerun fingerprint
     load_pred: Callable[[], tuple[np.ndarray, tuple[float, ...] | None]] | None = None  # default: read pred_path
+    load_regions: Callable[[], dict] | None = None  # region -> native mask from its own channel (region_source)
+    load_prepared: Callable[[], tuple] | None = None  # (names, pred, gt masks) on the prepared grid: convention authors
 
 
 # --------------------------------------------------------------------------- files
@@ -152,19 +155,21 @@ def _check_labels(labels: np.ndarray, allowed: set[int], what: str) -> None:
 
 def evaluate_case(case: str, pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None,
                   preset: DatasetPreset, *, gt_instances: np.ndarray | None = None,
-                  ids: dict | None = None) -> list[dict]:
-    """Rows of the long table for one case: every region × (dice, hd95, nsd) + challenge metrics."""
+                  ids: dict | None = None, pred_regions: dict[str, np.ndarray] | None = None) -> list[dict]:
+    """Rows of one case: every region × (dice, hd95, nsd) + challenge metrics (convention ``suite``) and the
+    ``challenge`` convention's rows; `pred_regions`: region masks from their own channels, not the label map."""
     if pred.shape != gt.shape:
         raise EvaluationError(f"case {case}: prediction shape {pred.shape} differs from ground truth {gt.shape}")
     sp, unit = _spacing_and_unit(gt.ndim, spacing)
     ids = ids or {}
     base = {"study": ids.get("study", ""), "dataset": ids.get("dataset", preset.name), "model": ids.get("model", ""),
             "fold": ids.get("fold", ""), "case": case, "spacing": "x".join(f"{s:g}" for s in sp),
-            "hd_impl": HD_IMPL, "diagonal": diagonal(gt.shape, sp)}
+            "hd_impl": HD_IMPL, "diagonal": diagonal(gt.shape, sp), "convention": "suite"}
     rows: list[dict] = []
     challenge = preset.metrics.challenge
     for region, values in preset.labels.items():
-        p, g = np.isin(pred, values), np.isin(gt, values)
+        p = np.isin(pred, values) if pred_regions is None else np.asarray(pred_regions[region], bool)
+        g = np.isin(gt, values)
         r = compare_masks(p, g, sp, nsd_tolerance=preset.metrics.nsd_tolerance)
         common = {**base, "region": region, "gt_voxels": r.gt_voxels, "pred_voxels": r.pred_voxels,
                   "gt_empty": r.gt_empty, "pred_empty": r.pred_empty}
@@ -182,6 +187,9 @@ def evaluate_case(case: str, pred: np.ndarray, gt: np.ndarray, spacing: Sequence
                 raise EvaluationError(f"case {case}: instance map shape {inst.shape} differs from ground truth {g.shape}")
             inst = np.where(g, inst, 0)
             extra = glas_object_metrics(label_components(p)[0], inst)
+        if challenge:
+            rows.extend(challenge_rows(base, region, p, g, sp, unit, challenge,
+                                       gt_instances if challenge == "glas" else None))
         for name, value in extra.items():
             metric_unit = CHALLENGE_UNITS.get(name, "count" if name.endswith(("_tp", "_fp", "_fn", "count_diff")) else "ratio")
             if name == "brats23_lw_hd95" and unit == "px":
@@ -224,7 +232,12 @@ def _evaluate_input(c: CaseInput, preset: DatasetPreset, allowed: set[int], ids:
         raise EvaluationError(f"case {c.case}: prediction {c.pred_path} has spacing {pred_spacing}, "
                               f"the ground truth {tuple(spacing)}")
     instances = c.load_instances() if c.load_instances is not None else None
-    return evaluate_case(c.case, pred, gt, spacing, preset, gt_instances=instances, ids=ids)
+    regions = c.load_regions() if c.load_regions is not None else None
+    rows = evaluate_case(c.case, pred, gt, spacing, preset, gt_instances=instances, ids=ids, pred_regions=regions)
+    if c.load_prepared is not None:  # the authors' convention, on the prepared grid
+        rows.extend(authors_rows({k: rows[0][k] for k in ("study", "dataset", "model", "fold", "case")},
+                                 *c.load_prepared()))
+    return rows
 
 
 # --------------------------------------------------------------------------- writing
@@ -379,7 +392,8 @@ def evaluate_run(config: str | Path, dataset: str, model: str, fold: int, *, bas
         load_inst = (lambda entry=entry: np.asarray(data.load_native_instances(entry))) \
             if preset.metrics.challenge == "glas" else None
         cases.append(CaseInput(case, pred_path, lambda entry=entry: data.load_native_label(entry), load_inst,
-                               gt_key=hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode()).hexdigest()))
+                               gt_key=hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode()).hexdigest(),
+                               **run_loaders(prepared, preset, pred_dir, case)))
     ids = {"study": study.study, "dataset": dataset, "model": model, "fold": fold}
     return write_evaluation(cases, preset, paths.evaluation(dataset, model, fold), ids=ids, force=force, workers=workers,
                             extra_info={"split_file": str(split_file), "manifest": str(manifest),

@@ -13,6 +13,7 @@ with `deconver.metrics.aggregate.apply_rule` (raw values stay raw in the inputs)
 - `complexity.csv` per (dataset, model): parameters, FLOPs per voxel (ours and the paper's convention),
                    latency, peak memory, device (absent when `complexity.activate: false`).
 - `training.csv`   every train_log.csv stacked with dataset, model, fold columns.
+- `conventions_*.csv` every metric convention (suite, authors, challenge): `deconver.report.conventions`.
 - `aggregate.json` what the report needs to caption the tables (rules, units, HD95 implementation,
                    synthetic flags, regions, reference model) + the input digest and provenance.
 
@@ -34,13 +35,15 @@ import numpy as np
 import pandas as pd
 
 from deconver.io import atomic_path, provenance, write_json_atomic
+from deconver.report.conventions import OUTPUTS as CONVENTION_OUTPUTS
+from deconver.report.conventions import pool_conventions, with_convention
 
 EVAL_COLUMNS = ["study", "dataset", "model", "fold", "case", "region", "metric", "value",
                 "gt_voxels", "pred_voxels", "gt_empty", "pred_empty", "spacing", "unit", "hd_impl"]
 #: Metrics whose per-case values are averaged over regions into a `mean` region.
 REGION_MEAN_METRICS = ("dice", "hd95", "nsd")
 MEAN_REGION = "mean"
-OUTPUTS = ("per_case.csv", "summary.csv", "aggregate.json")
+OUTPUTS = ("per_case.csv", "summary.csv", "aggregate.json", *CONVENTION_OUTPUTS)
 
 
 class AggregateError(RuntimeError):
@@ -391,7 +394,7 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
 
     from tqdm.auto import tqdm
 
-    per_case_parts, summary_parts, ds_meta = [], [], {}
+    per_case_parts, summary_parts, ds_meta, conv_parts, conv_summary_parts = [], [], {}, [], []
     for ds in plan.datasets:
         frames = []
         mine = [e for e in eval_files if e[0] is ds]
@@ -400,7 +403,12 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
             df = read_evaluation(path)
             df["model"], df["fold"], df["dataset"] = model, fold, ds.name  # the folder is authoritative
             frames.append(df)
-        raw = pd.concat(frames, ignore_index=True)
+        raw_all = pd.concat(frames, ignore_index=True)
+        conv_case, conv_summ = pool_conventions(raw_all, ds.rule, ds.penalty, apply_rule)
+        conv_parts.append(conv_case)
+        conv_summary_parts.append(conv_summ)
+        raw = with_convention(raw_all)
+        raw = raw[raw["convention"] == "suite"].drop(columns="convention")  # every other table: the suite's
         units = sorted({str(u) for u in raw["unit"].dropna()})
         impls = sorted({str(u) for u in raw["hd_impl"].dropna()})
         regions = ds.regions or sorted(raw["region"].dropna().unique())
@@ -434,6 +442,8 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(per_case, out / "per_case.csv")
     _write_csv(summary, out / "summary.csv")
+    _write_csv(pd.concat(conv_parts, ignore_index=True), out / CONVENTION_OUTPUTS[0])
+    _write_csv(pd.concat(conv_summary_parts, ignore_index=True), out / CONVENTION_OUTPUTS[1])
 
     if plan.complexity:
         rows = []
