@@ -38,7 +38,7 @@ def test_parallel_evaluation_equals_serial_and_logs_every_case(glas_fold, tmp_pa
     parallel, log2 = _evaluate(glas_fold, tmp_path / "two.csv", 2, capsys)
     pd.testing.assert_frame_equal(serial, parallel)
     assert set(serial["case"]) == {f"testA_{k}" for k in range(1, 5)}
-    assert (serial["metric"] == "glas_object_hausdorff").sum() == 4
+    assert ((serial["metric"] == "glas_object_hausdorff") & (serial["convention"] == "suite")).sum() == 4
     assert "4 cases on 1 worker" in log1 and "4 cases on 2 workers" in log2
     for log in (log1, log2):
         done = re.findall(r": (testA_\d) done \((\d)/4, [\d.]+ s\)", log)
