@@ -288,6 +288,11 @@ def dense_part(args) -> dict:
         if not leak:
             result["isles22_lesions"] = _compare(f"ISLES'22 lesion metrics, {what} (unchanged code)",
                                                  isles22_metrics, None, (pred, gt, spacing), args.repeats, 3.0)
+            from deconver.metrics.conventions import robust_hd95
+
+            result["brats23_lesions_challenge"] = _compare(
+                f"BraTS 2023 lesion-wise, challenge convention (surface-distance HD95), {what}", brats23_lesionwise,
+                None, (pred, gt, spacing), args.repeats, 3.0, kwargs={"hd95": robust_hd95})
     return result
 
 

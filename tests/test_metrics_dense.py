@@ -107,3 +107,29 @@ def test_nearest_distance_percentile_is_exact(percentile):
         tree = cKDTree(small)
         full = float(np.percentile(tree.query(big, k=1)[0], percentile))
         assert nearest_distance_percentile(big, tree, small, percentile) == full
+
+
+def test_brats23_challenge_hd95_on_lesion_boxes_equals_it_on_the_whole_volume():
+    """The challenge convention's per-lesion HD95 (surface-distance package) gets each lesion's box, not the
+    volume: the same values as on masks padded out to the whole volume."""
+    from deconver.metrics.conventions import robust_hd95
+
+    pred, gt = bench.lesions_case((64, 64, 48), n_lesions=25, seed=4)
+    pred[8:30, 8:56, 6:40] = True  # one component swallowing several lesions
+    shapes = []
+
+    def on_box(p, g, sp):
+        shapes.append(p.shape)
+        return robust_hd95(p, g, sp)
+
+    def padded(p, g, sp):  # the box placed in a volume twice its size: the crop cannot matter
+        big = tuple(2 * n + 6 for n in p.shape)
+        at = tuple(slice(3, 3 + n) for n in p.shape)
+        pp, gg = np.zeros(big, bool), np.zeros(big, bool)
+        pp[at], gg[at] = p, g
+        return robust_hd95(pp, gg, sp)
+
+    spacing = (0.9, 0.9, 2.0)
+    boxed = brats23_lesionwise(pred, gt, spacing, min_volume=10.0, hd95=on_box)
+    assert boxed == brats23_lesionwise(pred, gt, spacing, min_volume=10.0, hd95=padded)
+    assert boxed["brats23_lw_tp"] >= 5 and min(int(np.prod(s)) for s in shapes) < pred.size // 100

@@ -126,8 +126,11 @@ def brats23_lesionwise(pred, gt, spacing: float | Sequence[float] | None = None,
         dices.append(2.0 * overlap / (pred_voxels + int(lesions.area[k - 1])))
         if hd95 is None:
             hd = max(preds.union_percentiles(matches, lesions, k))
-        else:
-            hd = hd95(np.isin(pred_lab, matches), lesion_lab == k, sp)
+        else:  # on the box of the lesion and its matches (whole masks inside: the same distances)
+            lo = np.min([lesions.boxes[0][k - 1], *(preds.boxes[0][m - 1] for m in matches)], axis=0)
+            hi = np.max([lesions.boxes[1][k - 1], *(preds.boxes[1][m - 1] for m in matches)], axis=0)
+            box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
+            hd = hd95(np.isin(pred_lab[box], matches), lesion_lab[box] == k, sp)
         hds.append(hd if math.isfinite(hd) else float(penalty))
     n_fp = n_pred - len(matched_pred)
     denom = len(dices) + n_fp
