@@ -24,12 +24,10 @@ if not workflow.overwrite_configfiles:
 include: "workflow/rules/common.smk"
 
 
-# Local runs redo the jobs an interrupted run left "incomplete" instead of refusing to start
-# (as --rerun-incomplete). Safe here: every step writes its outputs atomically, and a training job
-# that is redone resumes from its last checkpoint. Cluster runs keep Snakemake's default, which
-# lets a restarted Snakemake pick up jobs still running in SLURM.
-if workflow.local_exec and hasattr(workflow.dag_settings, "force_incomplete"):
-    workflow.dag_settings.force_incomplete = True
+# Jobs an interrupted run left "incomplete" are redone by the next run instead of it refusing to
+# start: profiles/default/config.yaml (Snakemake's workflow profile, read by every run of this
+# Snakefile) sets rerun-incomplete. Safe here: every step writes its outputs atomically, and a
+# training job that is redone resumes from its last checkpoint when its fingerprint matches.
 
 
 wildcard_constraints:

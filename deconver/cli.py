@@ -58,7 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     step = argparse.ArgumentParser(prog=f"deconver {name}", description=help_text)
     module.configure(step)
     args = step.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except OSError as err:  # a full disk or a read-only results folder: one line, not a traceback
+        from deconver.io import output_problem
+
+        problem = output_problem(err)
+        if problem is None:
+            raise
+        print(f"deconver {name}: error: {problem}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

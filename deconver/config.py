@@ -227,6 +227,9 @@ class TrainerSettings(Strict):
     num_nodes: int = Field(1, gt=0)
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
     deterministic: bool = True
+    threads: int = Field(1, ge=1, description="CPU threads of torch's intra-op pool while training, in hand runs and "
+                         "workflow jobs alike; part of the run fingerprint (CPU results are bitwise reproducible "
+                         "only at a fixed thread count)")
     tensorboard: bool = False
 
 

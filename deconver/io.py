@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -13,27 +15,67 @@ from typing import Any, Iterator
 from deconver import __version__
 
 
+# errno values of an output that cannot be written for lack of space, or of permission
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
 
     An interrupted or failing writer leaves `path` untouched (old content or absent), never half-written.
     The temporary name keeps the suffix(es) so libraries that infer the format from it still work.
+    A full disk or a read-only folder is raised as an OSError that names `path` (`output_problem`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.removesuffix(suffix)}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = "".join(path.suffixes)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name.removesuffix(suffix)}.", suffix=f".tmp{suffix}",
+                                   dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         umask = os.umask(0)
         os.umask(umask)
         tmp_path.chmod(0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp_path, path)
+    except OSError as err:
+        if err.errno in NO_SPACE + NOT_WRITABLE:
+            raise OSError(err.errno, os.strerror(err.errno), str(path)) from err
+        if err.errno is None and _disk_full(path.parent):  # numpy: "N requested and M written"
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+        raise
+    except RuntimeError as err:  # torch.save reports a failed write as RuntimeError ("file write failed", ...)
+        if _disk_full(path.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+        raise
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def output_problem(err: BaseException) -> str | None:
+    """One line saying which output could not be written and what to do, for a full disk or a read-only
+    (or not permitted) folder; None for any other error."""
+    if not isinstance(err, OSError) or err.errno not in NO_SPACE + NOT_WRITABLE:
+        return None
+    where = err.filename or "an output file"
+    if err.errno in NO_SPACE:
+        return (f"no space left on the device while writing {where}: free some space there (or set results_dir "
+                "to a larger disk) and rerun the same command; finished work is kept and interrupted work resumes")
+    folder = Path(where).parent if err.filename else "the results folder"
+    return (f"cannot write {where} ({err.strerror}): make {folder} writable (or set results_dir to a writable "
+            "folder) and rerun the same command")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

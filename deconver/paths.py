@@ -3,6 +3,7 @@
 The CLI steps and the Snakemake rules both build paths through `StudyPaths`, so the two can never
 disagree. Layout (``<R>`` = results_dir/<study>)::
 
+    <R>/inventory/<dataset>.json            raw files of a dataset root (paths, sizes, mtimes; the workflow)
     <R>/prepared/<dataset>/manifest.json    preprocessing cache (`deconver prepare`)
     <R>/presets/<dataset>.yaml              preset planned from the data (a dataset without `preset`)
     <R>/splits/<dataset>.json               fold file (`deconver split`)
@@ -31,6 +32,9 @@ class StudyPaths:
     def of(cls, study: Study, base: Path | str = ".") -> "StudyPaths":
         base = Path(base)
         return cls(results=base / study.results_dir / study.study, reports=base / study.reports_dir / study.study)
+
+    def inventory(self, dataset: str) -> Path:
+        return self.results / "inventory" / f"{dataset}.json"
 
     def prepared(self, dataset: str) -> Path:
         return self.results / "prepared" / dataset

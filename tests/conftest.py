@@ -166,3 +166,25 @@ def smoke_roots(tmp_path_factory) -> dict[str, Path]:
         kind = load_preset(entry["preset"]).reader
         roots[name] = write_synthetic(kind, base / name, cases=entry["synth_cases"], seed=cfg["seed"])
     return roots
+
+
+def hippocampus_subset(root: Path, cases: int) -> Path:
+    """`root` as an MSD Task04 Hippocampus holding the first `cases` training cases of the real task
+    (../shared/data; skips when absent). Called again with more cases, it adds the missing ones — a
+    dataset that grew, as a user's does."""
+    import json
+
+    source = SHARED_DATA / "Task04_Hippocampus"
+    if not (source / "dataset.json").is_file():
+        pytest.skip(f"real Hippocampus data not found at {source}")
+    spec = json.loads((source / "dataset.json").read_text())
+    spec["training"] = spec["training"][:cases]
+    spec["numTraining"] = len(spec["training"])
+    for item in spec["training"]:
+        for key in ("image", "label"):
+            target = root / item[key]
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source / item[key], target)
+    (root / "dataset.json").write_text(json.dumps(spec, indent=1))
+    return root

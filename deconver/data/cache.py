@@ -85,6 +85,16 @@ class PreparedDataset:
         except KeyError:
             raise KeyError(f"case {case_id!r} is not in {self.directory / MANIFEST}") from None
 
+    def content_key(self, case_ids) -> str:
+        """A hash of what these cases' cached arrays hold (their checksums, or for a cache written before
+        checksums the input files' sizes and mtimes, and the preprocessing fingerprint): it changes
+        exactly when a run on these cases would see other data."""
+        import hashlib
+
+        parts = [[c, self.case(c).get("fingerprint"), self.case(c).get("checksums") or self.case(c).get("inputs")]
+                 for c in sorted(case_ids)]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
     def subset(self, case_id: str) -> str | None:
         return self.case(case_id).get("subset")
 

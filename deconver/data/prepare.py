@@ -56,6 +56,15 @@ def input_stats(case: Case) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- one case
+def _sha256(path: Path) -> str:
+    """Checksum of a cached array: what a run's data fingerprint is made of (paths and mtimes are not)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def prepare_case(case: Case, preset, out_dir: Path, fingerprint: str, dataset: str) -> dict:
     """Preprocess one case into ``out_dir/cases`` and return its manifest entry (written last)."""
     from deconver.data.instances import instance_warnings
@@ -96,6 +105,7 @@ def prepare_case(case: Case, preset, out_dir: Path, fingerprint: str, dataset: s
         "geometry": geometry,
         "files": files,
         "file_sizes": {k: (out_dir / v).stat().st_size for k, v in files.items() if v},
+        "checksums": {k: _sha256(out_dir / v) for k, v in files.items() if v},
         "fingerprint": fingerprint,
         "inputs": inputs,
         "warnings": warnings,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from deconver.config import ConfigError, Study
-from deconver.engine.run import RunSpec, open_prepared, read_fold, resolve_run
+from deconver.engine.run import RunSpec, open_prepared, read_fold, resolve_run, stale_reason
 
 CHECKPOINTS = ("final", "best", "last")
 MASKS_FORMAT = 1  # `mask_paths` written beside each label map (a folder without them is predicted again)
@@ -145,7 +145,10 @@ def predict(study: Study | str | Path | dict, dataset: str, model: str, fold: in
         case_ids = prepared.case_ids
     else:
         prepared = open_prepared(spec)
-        _, case_ids = read_fold(spec)
+        train_ids, case_ids = read_fold(spec)
+        stale = stale_reason(spec, spec.fingerprint_parts(prepared, train_ids, case_ids))
+        if stale is not None and stale[0] == "data":  # e.g. the split changed: its "validation" cases may be the run's training cases
+            raise ConfigError(f"{spec.run_dir}: {stale[1]}; train it again first (`deconver train` starts it over)")
         out_dir = Path(output_dir) if output_dir is not None else spec.paths.predictions(dataset, model, fold)
     record_path = out_dir / "predictions.json"
     wanted = {"checkpoint": _file_id(ckpt), "cases": list(case_ids), "probabilities": bool(probabilities),

@@ -48,16 +48,59 @@ class RunSpec:
         return self.run_dir / "final.ckpt"
 
     def fingerprint(self) -> str:
-        """What a resumed run must share with the run it resumes (not devices or workers)."""
+        """The configuration a resumed run must share with the run it resumes: preset and protocol, model
+        and its kwargs, seed, fold and CPU thread count (not devices or workers)."""
         data = {"preset": self.preset.model_dump(mode="json", exclude={"protocol": {"num_workers"}}),
-                "model": self.model, "model_kwargs": self.model_kwargs, "seed": self.study.seed, "fold": self.fold}
-        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+                "model": self.model, "model_kwargs": self.model_kwargs, "seed": self.study.seed, "fold": self.fold,
+                "threads": self.study.trainer.threads}
+        return _digest(data)
+
+    def fingerprint_parts(self, prepared, train_ids: list[str], val_ids: list[str]) -> dict[str, str]:
+        """What decides whether a run folder holds this run: the configuration, the data it trains and
+        validates on (the cached arrays' checksums) and the split (the fold's case lists)."""
+        return {"config": self.fingerprint(), "data": prepared.content_key([*train_ids, *val_ids]),
+                "split": _digest({"train": sorted(train_ids), "val": sorted(val_ids)})}
 
     def model_record(self) -> dict[str, Any]:
         """model.json: what rebuilds the network from the run folder alone."""
         return {"name": self.model, "kwargs": self.model_kwargs, "in_channels": self.preset.in_channels,
                 "out_channels": self.preset.out_channels, "spatial_dims": self.preset.spatial_dims,
                 "roi_size": list(self.protocol.roi_size), "dataset": self.preset.name}
+
+
+def _digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def recorded_parts(run_dir: Path) -> dict | None:
+    """The fingerprint parts recorded in a run folder's run.json ({} for a run.json without them, None
+    when there is no readable run.json)."""
+    try:
+        record = json.loads((run_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record.get("fingerprint_parts") or {}
+
+
+def stale_reason(spec: RunSpec, parts: dict[str, str]) -> tuple[str, str] | None:
+    """Why the work in the run folder (final or resumable checkpoints) is not this run, or None when it is.
+
+    ("config", why): the study's configuration changed — such a folder is refused (a changed study is a
+    new study name); ("data", why): the data or the split changed under the run — it is redone from scratch.
+    """
+    old = recorded_parts(spec.run_dir)
+    if old is None:
+        return None
+    if old.get("config") not in (None, parts["config"]):
+        return "config", (f"holds a run with a different configuration (fingerprint {old['config']}, now "
+                          f"{parts['config']}: protocol, model kwargs, seed or trainer.threads changed)")
+    changed = [k for k in ("data", "split") if old.get(k) != parts[k]]
+    if not old:
+        return "data", "was trained before run folders recorded their data and split fingerprints"
+    if changed:
+        what = {"data": "the prepared data of its cases", "split": "the fold's training/validation cases"}
+        return "data", f"was trained on other data: {' and '.join(what[k] for k in changed)} changed since"
+    return None
 
 
 def as_study(study: Study | str | Path | dict) -> Study:
@@ -97,6 +140,31 @@ def check_model_fits(spec: RunSpec) -> None:
                           f"({spec.where}.roi_size={list(spec.protocol.roi_size)}, "
                           f"model_overrides.{spec.model}={spec.model_kwargs}): {err}") from None
     spec.extra["divisor"] = tuple(int(d) for d in found.divisor)
+
+
+def check_model_builds(study: Study, dataset: str, model: str) -> None:
+    """Build the network once on the meta device (no memory, no initialisation), so keyword arguments
+    the builder rejects (e.g. SegResNet `init_filters: 4` with 8 norm groups) stop a study before its
+    first job, naming the key. A builder that cannot run on the meta device is built for real instead."""
+    import torch
+
+    from deconver import registry
+
+    preset, kwargs = study.preset(dataset), study.model_kwargs(dataset, model)
+    spec = dict(in_channels=preset.in_channels, out_channels=preset.out_channels, spatial_dims=preset.spatial_dims,
+                roi_size=tuple(preset.protocol.roi_size), dataset=preset.name, **kwargs)
+    try:
+        try:
+            with torch.device("meta"):
+                registry.create_model(model, **spec)
+        except registry.ModelBuildError as err:
+            if not isinstance(err.__cause__, (ValueError, TypeError, AssertionError)):
+                registry.create_model(model, **spec)  # e.g. a constructor that reads a tensor's value
+            else:
+                raise
+    except registry.ModelError as err:
+        raise ConfigError(f"model {model!r} on dataset {dataset!r} (model_overrides.{model}={kwargs}, "
+                          f"datasets.{dataset}.model_overrides): the network cannot be built: {err}") from None
 
 
 def check_roi_fits_images(spec: RunSpec, shapes: list[list[int]]) -> None:

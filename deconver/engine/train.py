@@ -3,14 +3,16 @@
 Run folder (docs/ARCHITECTURE.md, "Runs"): ``run.json`` (resolved config + provenance), ``model.json``,
 ``protocol.json`` (the recipe of `deconver protocol`),
 ``train_log.csv``, ``checkpoints/{last,best}.ckpt`` and ``final.ckpt``, written last: its presence means
-the run is finished and a rerun does nothing. Without it, a rerun resumes from the newest of
-``checkpoints/last.ckpt`` and Lightning's SLURM ``hpc_ckpt_*.ckpt``; on SLURM, Lightning's
+the run is finished. run.json records the run's fingerprint in parts (configuration incl. the CPU thread
+count, data, split) and its case lists: a rerun whose parts match does nothing (finished) or resumes from
+the newest of ``checkpoints/last.ckpt`` and Lightning's SLURM ``hpc_ckpt_*.ckpt``; a folder trained with
+another configuration is refused, one trained on other data or another split is cleared and the run
+starts over (never resumed, never kept as finished). On SLURM, Lightning's
 `SLURMEnvironment(auto_requeue=True)` checkpoints and requeues the job before its time limit.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +25,7 @@ from deconver.engine.run import (
     open_prepared,
     read_fold,
     resolve_run,
+    stale_reason,
 )
 
 
@@ -33,10 +36,35 @@ def _is_rank_zero() -> bool:
 
 
 def _resume_checkpoint(spec: RunSpec) -> Path | None:
-    """The newest complete checkpoint of an unfinished run (last.ckpt or a SLURM hpc checkpoint)."""
+    """The newest checkpoint of an unfinished run (last.ckpt or a SLURM hpc checkpoint)."""
     candidates = [spec.checkpoints / "last.ckpt", *spec.run_dir.glob("hpc_ckpt_*.ckpt")]
     candidates = [p for p in candidates if p.is_file()]
     return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
+def _check_readable(checkpoint: Path) -> None:
+    """A checkpoint to resume from must be a complete torch file (a zip archive whose directory, at its
+    end, is intact); a truncated one is named with what to do, not left to a traceback inside Lightning."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(checkpoint) as archive:
+            archive.infolist()
+    except (OSError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"{checkpoint}: the checkpoint is truncated or unreadable ({err}); delete it to restart "
+                          f"the run from scratch (rm {checkpoint}), or put back a complete copy") from None
+
+
+def _clear_run(spec: RunSpec) -> None:
+    """Remove everything a stale run produced (checkpoints, log, predictions, evaluation), keeping the folder."""
+    import shutil
+
+    for path in [spec.final, spec.run_dir / "train_log.csv", spec.run_dir / "evaluation.csv",
+                 spec.run_dir / "evaluation.json", *spec.run_dir.glob("hpc_ckpt_*.ckpt")]:
+        path.unlink(missing_ok=True)
+    for folder in (spec.checkpoints, spec.run_dir / "tensorboard", spec.paths.predictions(spec.dataset, spec.model,
+                                                                                          spec.fold)):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _accelerator(spec: RunSpec) -> str:
@@ -55,21 +83,27 @@ def _check_precision(spec: RunSpec, accelerator: str) -> None:
         raise ConfigError(f"{spec.where}.precision: '16-mixed' needs a GPU; use '32' or 'bf16-mixed' on CPU")
 
 
-def _check_run_record(spec: RunSpec) -> None:
-    """A resumed run must have the configuration of the run it continues."""
-    path = spec.run_dir / "run.json"
-    if not path.is_file() or _resume_checkpoint(spec) is None:
-        return
-    try:
-        old = json.loads(path.read_text()).get("fingerprint")
-    except (OSError, json.JSONDecodeError):
-        return
-    if old and old != spec.fingerprint():
-        raise ConfigError(f"{spec.run_dir}: holds an unfinished run with a different configuration "
-                          f"(fingerprint {old}, now {spec.fingerprint()}); delete the folder to start over")
+def _settle_run_folder(spec: RunSpec, parts: dict[str, str]) -> bool:
+    """True when the run folder already holds this finished run. A folder whose run was trained with
+    another configuration is refused (ConfigError with the reason); one trained on other data or another
+    split is cleared, with the reason printed, so the run starts over — never resumed or kept."""
+    if not spec.final.is_file() and _resume_checkpoint(spec) is None:
+        return False
+    stale = stale_reason(spec, parts)
+    if stale is None:
+        return spec.final.is_file()
+    kind, why = stale
+    if kind == "config":
+        raise ConfigError(f"{spec.run_dir}: {why}; delete the folder to start over, or give the changed study a "
+                          "new `study` name")
+    if _is_rank_zero():
+        print(f"{spec.run_dir}: {why}; starting over from scratch", file=sys.stderr)
+        _clear_run(spec)
+    return False
 
 
-def _write_records(spec: RunSpec, train_ids: list[str], val_ids: list[str], accelerator: str) -> None:
+def _write_records(spec: RunSpec, train_ids: list[str], val_ids: list[str], accelerator: str,
+                   parts: dict[str, str]) -> None:
     from deconver.io import provenance, write_json_atomic
 
     prov = provenance("cuda" if accelerator == "gpu" else "cpu")
@@ -81,11 +115,13 @@ def _write_records(spec: RunSpec, train_ids: list[str], val_ids: list[str], acce
                                           preset=spec.preset), "provenance": prov})
     write_json_atomic(spec.run_dir / "run.json", {
         "study": spec.study.study, "dataset": spec.dataset, "model": spec.model, "fold": spec.fold,
-        "seed": spec.study.seed, "fingerprint": spec.fingerprint(),
+        "seed": spec.study.seed, "fingerprint": spec.fingerprint(), "fingerprint_parts": parts,
+        "threads": spec.study.trainer.threads,
         "preset": spec.preset.model_dump(mode="json"), "model_kwargs": spec.model_kwargs,
         "trainer": spec.study.trainer.model_dump(mode="json"),
         "prepared": str(spec.paths.prepared(spec.dataset)), "split": str(spec.paths.split(spec.dataset)),
         "train_cases": len(train_ids), "val_cases": len(val_ids),
+        "train_ids": list(train_ids), "val_ids": list(val_ids),
         "provenance": prov,
     })
 
@@ -156,10 +192,6 @@ def train(study: Study | str | Path | dict, dataset: str, model: str, fold: int,
     before any training. `callbacks`: extra Lightning callbacks (monitoring, tests).
     """
     spec = resolve_run(study, dataset, model, fold, max_epochs=max_epochs, base=base)
-    if spec.final.is_file():
-        if _is_rank_zero():
-            print(f"{spec.final}: run already finished, nothing to do", file=sys.stderr)
-        return spec.final
     prepared = open_prepared(spec)
     train_ids, val_ids = read_fold(spec)
     missing = [c for c in train_ids + val_ids if c not in prepared]
@@ -170,11 +202,19 @@ def train(study: Study | str | Path | dict, dataset: str, model: str, fold: int,
     if unlabelled:
         raise ConfigError(f"{prepared.directory}: cases {unlabelled[:5]} have no label and cannot be trained on")
     check_roi_fits_images(spec, [prepared.case(c)["image_shape"][1:] for c in train_ids + val_ids])
-    _check_run_record(spec)
+    parts = spec.fingerprint_parts(prepared, train_ids, val_ids)
+    if _settle_run_folder(spec, parts):
+        if _is_rank_zero():
+            print(f"{spec.final}: run already finished, nothing to do", file=sys.stderr)
+        return spec.final
     accelerator = _accelerator(spec)
     _check_precision(spec, accelerator)
+    resume = _resume_checkpoint(spec)
+    if resume is not None:
+        _check_readable(resume)
 
     import lightning.pytorch as L
+    import torch
 
     from deconver import registry
     from deconver.engine.callbacks import RunRecorder
@@ -183,7 +223,8 @@ def train(study: Study | str | Path | dict, dataset: str, model: str, fold: int,
     from deconver.engine.module import SegmentationModule
 
     if _is_rank_zero():
-        _write_records(spec, train_ids, val_ids, accelerator)
+        _write_records(spec, train_ids, val_ids, accelerator, parts)
+    torch.set_num_threads(spec.study.trainer.threads)  # part of the fingerprint: results depend on it on CPU
     codec = LabelCodec.from_preset(spec.preset)
     L.seed_everything(spec.study.seed, workers=True, verbose=False)
     net = registry.create_model(model, in_channels=spec.preset.in_channels, out_channels=spec.preset.out_channels,
@@ -194,7 +235,6 @@ def train(study: Study | str | Path | dict, dataset: str, model: str, fold: int,
     data = SegmentationDataModule(prepared, train_ids, val_ids, spec.protocol, spec.preset.spatial_dims,
                                   seed=derive_seed(spec.study.seed, fold))
     recorder = RunRecorder(spec.run_dir, list(codec.names))
-    resume = _resume_checkpoint(spec)
     if resume is not None and _is_rank_zero():
         print(f"resuming {spec.run_dir} from {resume.name}", file=sys.stderr)
     with warnings.catch_warnings():

@@ -16,7 +16,8 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from deconver.config import ConfigError, deep_merge, load_study
-from deconver.io import write_text_atomic
+from deconver.engine.run import check_model_builds
+from deconver.io import output_problem, write_text_atomic
 from deconver.paths import StudyPaths
 from deconver.plan import PlanError, StudyPlan, plan_study
 
@@ -106,18 +107,43 @@ def _check_roots() -> None:
                 f"command line: --config 'datasets={{{name}: {{root: /path/to/data}}}}'.")
 
 
+def _writing(write) -> None:
+    """Run a write of the workflow's own files; a full disk or a read-only results folder stops the run
+    with one line naming the file (`deconver.io.output_problem`), not a traceback."""
+    try:
+        write()
+    except OSError as err:
+        problem = output_problem(err)
+        if problem is None:
+            raise
+        raise WorkflowError(problem) from None
+
+
 _check_roots()
-_write_study_file()
+_writing(_write_study_file)
+
+
+def _write_inventories() -> None:
+    """Each real dataset's file inventory (paths, sizes, mtimes), rewritten only when the files changed.
+    It is an input of `prepare`: a changed dataset is prepared again and everything after it rerun."""
+    from deconver.data.inventory import write_inventory
+
+    for name, entry in STUDY.datasets.items():
+        if entry.synthetic or entry.download:
+            continue
+        if write_inventory(entry.root, PATHS.inventory(name)) and PATHS.manifest(name).is_file():
+            _note(f"the files of dataset {name} ({entry.root}) changed since it was prepared: its prepare, split "
+                  "and every job after them will run again (`snakemake -n` lists them)")
 
 
 def dataset_input(wildcards) -> list[str]:
-    """What `prepare` waits for: the synthetic stand-in or the download, nothing for real data."""
+    """What `prepare` waits for: the synthetic stand-in, the download, or the real dataset's inventory."""
     entry = STUDY.datasets[wildcards.dataset]
     if entry.synthetic:
         return [str(Path(entry.root) / SYNTH_MARKER)]
     if entry.download:
         return [str(Path(entry.root) / "dataset.json")]
-    return []
+    return [str(PATHS.inventory(wildcards.dataset))]
 
 
 def _alternatives(values) -> str:
@@ -140,6 +166,11 @@ def study_plan() -> StudyPlan:
         raise WorkflowError(f"{CONFIG_NAME}: {err}") from None
     for skip in plan.skips:
         _note(f"{skip.model} is left out of {skip.dataset}: {skip.reason}")
+    for dataset, model in plan.pairs():  # each network built once on the meta device: bad kwargs stop here
+        try:
+            check_model_builds(STUDY, dataset, model)
+        except ConfigError as err:
+            raise WorkflowError(f"{CONFIG_NAME}: {err}") from None
     return plan
 
 
@@ -203,6 +234,11 @@ def cli(step: str, *, model: bool = False, fold: bool = False) -> str:
     return cmd
 
 
+def attempts_log(log: str) -> str:
+    """Beside a job's log, the log of all its attempts (Snakemake empties the job's own log before each)."""
+    return log.removesuffix(".log") + ".attempts.log"
+
+
 def logfile(rule: str, *parts: str) -> str:
     """The log file of a job: <results>/<study>/logs/<rule>/<dataset>[/<model>[/fold<k>]].log."""
     *folders, name = parts
@@ -210,6 +246,8 @@ def logfile(rule: str, *parts: str) -> str:
 
 
 # Resolve the model lists now in the main process, so an unknown or unfitting model stops the run
-# before any job with a plain message (cluster jobs re-read this file and skip it).
+# before any job with a plain message, and take the datasets' inventories (cluster jobs re-read this
+# file and skip both).
 if not workflow.remote_exec:
     study_plan()
+    _writing(_write_inventories)

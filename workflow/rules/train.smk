@@ -14,15 +14,18 @@ rule train:
         logfile("train", "{dataset}", "{model}", "fold{fold}"),
     params:
         study=str(STUDY_FILE),
-    threads: local_threads(8)
+        attempts=attempts_log(logfile("train", "{dataset}", "{model}", "fold{fold}")),
+    # the study's trainer.threads, as in a hand run (`deconver train` sets torch to it): CPU results
+    # depend on the thread count (docs/engine.md, "Determinism")
+    threads: STUDY.trainer.threads
     resources:
         cpus_per_task=lambda wildcards, threads: threads,
         **RESOURCES["train"],
     shell:
-        # append: the log of a resumed run keeps the earlier attempts
+        # {log} is this attempt (Snakemake empties it before each); {params.attempts} keeps every attempt
         "(echo \"== $(date -Is) train {wildcards.dataset} {wildcards.model} fold {wildcards.fold}\"; "
         + cli("train", model=True, fold=True)
-        + ") >> {log} 2>&1"
+        + ") 2>&1 | tee -a {params.attempts} > {log}"
 
 
 rule predict:
