@@ -188,7 +188,8 @@ def train(study: Study | str | Path | dict, dataset: str, model: str, fold: int,
           callbacks: Sequence = ()) -> Path:
     """Train one run to completion (or continue it) and return the path of its ``final.ckpt``.
 
-    A finished run (final.ckpt present) returns at once. Configuration errors raise `ConfigError`
+    A finished run with the same fingerprint returns at once; one trained on other data or another split
+    starts over (module docstring). Configuration errors raise `ConfigError`
     before any training. `callbacks`: extra Lightning callbacks (monitoring, tests).
     """
     spec = resolve_run(study, dataset, model, fold, max_epochs=max_epochs, base=base)
