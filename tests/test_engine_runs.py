@@ -242,7 +242,7 @@ def test_predict_3d_native_grid_of_cropped_resampled_cases(synthetic, isles_run,
         # the label map is the thresholded probability map
         np.testing.assert_array_equal(np.asarray(pred.dataobj) == 1, p[..., 0] > 0.5)
         # the thresholded outputs on the prepared grid, for the authors' metric convention
-        with np.load(out / f"{case}_prepared.npz") as f:
+        with np.load(out / "masks" / f"{case}_prepared.npz") as f:
             masks = f["masks"]
         assert masks.shape == (1, *g["prepared_shape"]) and masks.dtype == bool
     record = json.loads((out / "predictions.json").read_text())
@@ -256,7 +256,7 @@ def test_predict_3d_native_grid_of_cropped_resampled_cases(synthetic, isles_run,
     authors = table[table["convention"] == "authors"]
     assert set(authors["metric"]) == {"dice", "hd95"} and set(authors.loc[authors["metric"] == "hd95", "unit"]) == {"vox"}
     for case in val:  # Dice of the saved masks against the prepared label, as MONAI computes it
-        with np.load(out / f"{case}_prepared.npz") as f:
+        with np.load(out / "masks" / f"{case}_prepared.npz") as f:
             m = f["masks"][0]
         lab = prepared.load(case)[1][0] > 0
         expected = 2 * (m & lab).sum() / (m.sum() + lab.sum()) if m.sum() + lab.sum() else float("nan")

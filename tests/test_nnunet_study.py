@@ -102,7 +102,9 @@ def test_mha_region_dataset_without_preset_runs_to_a_report(tmp_path):
         np.testing.assert_allclose(got.GetSpacing(), src.GetSpacing(), atol=1e-6)
         assert set(np.unique(sitk.GetArrayFromImage(got))) <= {0, 1, 2}
     ev = pd.read_csv(run / "evaluation.csv")
-    assert set(ev["region"]) == {"whole", "core"} and (ev.loc[ev["metric"] == "hd95", "unit"] == "mm").all()
+    assert set(ev["convention"]) == {"suite", "authors"}  # authors: on the prepared grid, HD95 in voxels
+    suite = ev[ev["convention"] == "suite"]
+    assert set(suite["region"]) == {"whole", "core"} and (suite.loc[suite["metric"] == "hd95", "unit"] == "mm").all()
     assert (tmp_path / "reports" / "mha" / "report.html").stat().st_size > 1000
 
 

@@ -25,7 +25,8 @@ from deconver.config import ConfigError, Study
 from deconver.engine.run import RunSpec, open_prepared, read_fold, resolve_run, stale_reason
 
 CHECKPOINTS = ("final", "best", "last")
-MASKS_FORMAT = 1  # `mask_paths` written beside each label map (a folder without them is predicted again)
+MASKS_FORMAT = 1  # `mask_paths` written with each label map (a folder without them is predicted again)
+MASKS_DIR = "masks"  # under predictions/: the masks the other metric conventions score (`mask_paths`)
 
 
 def checkpoint_path(spec: RunSpec, which: str = "final") -> Path:
@@ -96,11 +97,14 @@ def prediction_paths(out_dir: Path, case_id: str, spatial_dims: int, suffix: str
     return out_dir / f"{case_id}{suffix or '.nii.gz'}", out_dir / f"{case_id}_prob.nii.gz"
 
 
-def mask_paths(out_dir: Path, case_id: str, spatial_dims: int) -> tuple[Path, Path]:
-    """(thresholded output masks on the prepared grid, ``.npz`` with ``masks`` (K, *S) bool — what the
-    ``authors`` metric convention scores; region channels on the native grid as a bitmask label image,
-    bit k = output k — what ``metrics.region_source: channels`` scores)."""
-    return out_dir / f"{case_id}_prepared.npz", out_dir / f"{case_id}_channels{'.png' if spatial_dims == 2 else '.nii.gz'}"
+def mask_paths(out_dir: Path, entry: dict) -> tuple[Path, Path]:
+    """In ``predictions/masks/``: (thresholded output masks on the prepared grid, ``.npz`` with ``masks`` (K, *S) bool — what the
+    ``authors`` metric convention scores; region channels on the native grid as a bitmask label image in the
+    label map's format, bit k = output k — what ``metrics.region_source: channels`` scores)."""
+    from deconver.data import native_suffix
+
+    case_id, folder = entry["id"], out_dir / MASKS_DIR
+    return folder / f"{case_id}_prepared.npz", folder / f"{case_id}_channels{native_suffix(entry)}"
 
 
 def save_masks(probs: np.ndarray, native: np.ndarray, entry: dict, codec, out_dir: Path) -> None:
@@ -110,7 +114,7 @@ def save_masks(probs: np.ndarray, native: np.ndarray, entry: dict, codec, out_di
     from deconver.data import save_native
     from deconver.io import atomic_path
 
-    prepared_path, channels_path = mask_paths(out_dir, entry["id"], entry["spatial_dims"])
+    prepared_path, channels_path = mask_paths(out_dir, entry)
     masks = codec.discretize(torch.from_numpy(np.ascontiguousarray(probs))[None])[0].numpy()
     with atomic_path(prepared_path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, masks=masks)

@@ -141,7 +141,7 @@ def run_loaders(prepared, preset, pred_dir, case: str) -> dict[str, Any]:
     from deconver.engine.predict import mask_paths
 
     codec = LabelCodec.from_preset(preset)
-    prepared_path, channels_path = mask_paths(pred_dir, case, preset.spatial_dims)
+    prepared_path, channels_path = mask_paths(pred_dir, prepared.case(case))
     use_channels = preset.task == "regions" and preset.metrics.region_source == "channels"
     # label maps placed by hand (not by `deconver predict`) have neither file: suite and challenge only
     return {"load_regions": (lambda: region_masks(channels_path, codec.names))
