@@ -269,3 +269,26 @@ def test_orphan_label_and_missing_label(png_dataset, tmp_path):
     (folder / "labelsTr" / "img_001.png").unlink()
     with pytest.raises(DatasetError, match=r"case img_001: missing label .*labelsTr/img_001\.png"):
         read_dataset(preset_2d(), folder)
+
+
+def test_dataset_key_lists_the_training_files(mha_dataset, tmp_path):
+    """dataset.json's `dataset` key (files anywhere, relative to the dataset folder) replaces the imagesTr scan."""
+    folder = broken_copy(mha_dataset, tmp_path)
+    (folder / "elsewhere").mkdir()
+    listed = {}
+    for i in range(8):
+        case = f"case_{i:03d}"
+        images = []
+        for ch in range(2):
+            src = folder / "imagesTr" / f"{case}_{ch:04d}.mha"
+            src.rename(folder / "elsewhere" / f"{case}_{'t1' if ch == 0 else 't2'}.mha")
+            images.append(f"elsewhere/{case}_{'t1' if ch == 0 else 't2'}.mha")
+        listed[case] = {"images": images, "label": f"labelsTr/{case}.mha"}
+    _edit_json(folder, dataset=listed)
+    cases = read_dataset(preset_regions(), folder)
+    assert [c.id for c in cases if c.subset == "train"] == [f"case_{i:03d}" for i in range(8)]
+    assert cases[0].images[1].name == "case_000_t2.mha"
+    listed["case_001"]["images"] = listed["case_001"]["images"][:1]
+    _edit_json(folder, dataset=listed)
+    with pytest.raises(DatasetError, match=r"case case_001 lists 1 image files, dataset.json names 2 channels"):
+        read_dataset(preset_regions(), folder)

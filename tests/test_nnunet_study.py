@@ -176,3 +176,17 @@ def test_study_errors_name_the_dataset(tmp_path):
     with pytest.raises(ConfigError, match=r"preset: needed with synthetic or download"):
         load_study({"study": "x", "models": ["unet"], "datasets": {"d": {"root": "r", "synthetic": True}}})
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.timeout(600)
+def test_workflow_takes_a_dataset_named_by_root_only(tmp_path):
+    """The Snakefile's schema and rules accept a dataset without `preset` (dry run: every step planned)."""
+    from conftest import job_stats, run_snakemake
+
+    root = write_rgb_png_dataset(tmp_path / "Dataset901_Discs", tmp_path)
+    cfg = study_of(tmp_path, root, "dry", {"unet": {"strides": [2, 2], "channels": [8, 16, 32]}})
+    out = run_snakemake("--configfile", cfg, "--directory", tmp_path, "-n").stdout
+    stats = job_stats(out)
+    assert {k: stats.get(k) for k in ("prepare", "split", "train", "predict", "evaluate", "report")} == \
+        dict(prepare=1, split=1, train=1, predict=1, evaluate=1, report=1)
+    assert (tmp_path / "results" / "dry" / "presets" / "mydata.yaml").is_file()

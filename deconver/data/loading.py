@@ -160,6 +160,11 @@ def image_spacing(path: Path, fmt: str) -> list[float]:
         from deconver.data.readers._common import nifti_spacing
 
         return nifti_spacing(path)
+    return [float(s) for s in sitk_header(path).GetSpacing()[:3]]
+
+
+def sitk_header(path: Path):
+    """A SimpleITK reader holding the file's geometry (spacing, origin, direction), its data not read."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -168,7 +173,7 @@ def image_spacing(path: Path, fmt: str) -> list[float]:
         reader.ReadImageInformation()
     except Exception as err:
         raise DatasetError(f"{path}: cannot read image header ({type(err).__name__}: {str(err).strip()[:300]})") from None
-    return [float(s) for s in reader.GetSpacing()[:3]]
+    return reader
 
 
 def _affine(img) -> np.ndarray:

@@ -140,12 +140,9 @@ def _save_sitk(data: np.ndarray, source: Path, path: Path) -> Path:
     """A label map (x, y, z) written by SimpleITK with the source image's spacing, origin and direction."""
     import SimpleITK as sitk
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(source))
-    try:
-        reader.ReadImageInformation()
-    except Exception as err:
-        raise DatasetError(f"{source}: cannot read the source image header ({err})") from None
+    from deconver.data.loading import sitk_header
+
+    reader = sitk_header(source)
     img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
     img.SetSpacing(reader.GetSpacing())
     img.SetOrigin(reader.GetOrigin())

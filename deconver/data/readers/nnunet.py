@@ -146,6 +146,18 @@ def _label_files(folder: Path, ending: str, spec_path: Path) -> dict[str, Path]:
     return out
 
 
+def _images_and_labels(images_dir: Path, labels_dir: Path, ending: str, spec_path: Path):
+    """(case -> {channel: file}, case -> label file) of an images/labels folder pair; a label without
+    images is an error."""
+    found = _channel_files(images_dir, ending, spec_path)
+    label_files = _label_files(labels_dir, ending, spec_path)
+    orphans = sorted(set(label_files) - set(found))
+    if orphans:
+        raise DatasetError(f"label without images: {label_files[orphans[0]]} (no {orphans[0]}_0000{ending} "
+                           f"in {images_dir})")
+    return found, label_files
+
+
 def _ordered(case: str, files: dict[int, Path], expected: int | None, folder: Path, ending: str) -> list[Path]:
     """The channel files 0..n-1 of a case (n = `expected`, or as many as it has for 2D images)."""
     n = expected if expected is not None else max(files) + 1
@@ -211,18 +223,16 @@ def read_nnunet(root: Path, channels: list[str], *, require_label: bool = True,
         images_dir = folder / "imagesTr"
         if not images_dir.is_dir():
             raise DatasetError(f"{folder}: no imagesTr/ folder")
-        found = _channel_files(images_dir, ending, spec_path)
-        label_files = _label_files(folder / "labelsTr", ending, spec_path)
-        orphans = sorted(set(label_files) - set(found))
-        if orphans:
-            raise DatasetError(f"label without images: {label_files[orphans[0]]} (no {orphans[0]}_0000{ending} "
-                               f"in {images_dir})")
+        found, label_files = _images_and_labels(images_dir, folder / "labelsTr", ending, spec_path)
         listed = {case: (_ordered(case, files, per_case, images_dir, ending), label_files.get(case))
                   for case, files in found.items()}
     if "numTraining" in spec and spec["numTraining"] != len(listed):
         raise DatasetError(f"{spec_path}: numTraining is {spec['numTraining']} but the dataset holds "
                            f"{len(listed)} training cases")
     for case, (images, label) in listed.items():
+        if per_case is not None and len(images) != per_case:
+            raise DatasetError(f"{spec_path}: case {case} lists {len(images)} image files, dataset.json names "
+                               f"{per_case} channels")
         if label is None and require_label:
             raise DatasetError(f"case {case}: missing label {folder / 'labelsTr' / (case + ending)}")
         cases.append(Case(id=case, images=images, label=label, subset="train", meta=meta_of(images[0])))
@@ -244,12 +254,7 @@ def _test_cases(folder: Path, spec_path: Path, ending: str, per_case: int | None
     images_dir = folder / "imagesTs"
     if not images_dir.is_dir():
         return []
-    found = _channel_files(images_dir, ending, spec_path)
-    label_files = _label_files(folder / "labelsTs", ending, spec_path)
-    orphans = sorted(set(label_files) - set(found))
-    if orphans:
-        raise DatasetError(f"label without images: {label_files[orphans[0]]} (no {orphans[0]}_0000{ending} "
-                           f"in {images_dir})")
+    found, label_files = _images_and_labels(images_dir, folder / "labelsTs", ending, spec_path)
     out = []
     for case, files in found.items():
         label = label_files.get(case)
