@@ -209,30 +209,28 @@ def test_label_value_not_in_labels(mha_dataset, tmp_path):
         read_dataset(preset_regions(labels={"whole": [1, 2], "core": [4]}), folder)
 
 
-def test_geometry_mismatch(mha_dataset, png_dataset, tmp_path):
+@pytest.mark.parametrize("file, change, match", [
+    ("labelsTr/case_003.mha", ("SetSpacing", [1.0, 1.0, 5.0]), r"case_003\.mha: label grid .* does not match the image"),
+    ("imagesTr/case_003_0001.mha", ("SetOrigin", [0.0, 0.0, 0.0]), r"case_003_0001\.mha: grid .* differs from"),
+])
+def test_geometry_mismatch(mha_dataset, tmp_path, file, change, match):
     import SimpleITK as sitk
-    from PIL import Image
 
     folder = broken_copy(mha_dataset, tmp_path)
-    path = folder / "labelsTr" / "case_003.mha"
-    img = sitk.ReadImage(str(path))
-    img.SetSpacing([1.0, 1.0, 5.0])
-    sitk.WriteImage(img, str(path))
+    img = sitk.ReadImage(str(folder / file))
+    getattr(img, change[0])(change[1])
+    sitk.WriteImage(img, str(folder / file))
     case = [c for c in read_dataset(preset_regions(), folder) if c.id == "case_003"][0]
-    with pytest.raises(DatasetError, match=r"case_003\.mha: label grid .* does not match the image"):
-        load_case(case, preset_regions())
-    path = folder / "imagesTr" / "case_004_0001.mha"
-    img = sitk.ReadImage(str(path))
-    img.SetOrigin([0.0, 0.0, 0.0])
-    sitk.WriteImage(img, str(path))
-    case = [c for c in read_dataset(preset_regions(), folder) if c.id == "case_004"][0]
-    with pytest.raises(DatasetError, match=r"case_004_0001\.mha: grid .* differs from"):
+    with pytest.raises(DatasetError, match=match):
         load_case(case, preset_regions())
 
-    folder2 = broken_copy(png_dataset, tmp_path / "png")
-    path = folder2 / "labelsTr" / "img_002.png"
-    Image.fromarray(np.zeros((10, 12), np.uint8)).save(path)
-    case = [c for c in read_dataset(preset_2d(), folder2) if c.id == "img_002"][0]
+
+def test_2d_mask_size_mismatch(png_dataset, tmp_path):
+    from PIL import Image
+
+    folder = broken_copy(png_dataset, tmp_path)
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(folder / "labelsTr" / "img_002.png")
+    case = [c for c in read_dataset(preset_2d(), folder) if c.id == "img_002"][0]
     with pytest.raises(DatasetError, match=r"img_002\.png: mask size 12x10 does not match"):
         load_case(case, preset_2d())
 
