@@ -12,7 +12,7 @@ looks like its task, so a model learns something in a few epochs, and carries th
   TC = NCR 1 + ET, inside WT = TC + edema 2); the last case sits in a doubly nested top folder.
 - glas: RGB BMP H&E-like tiles of varying size with glands (white lumen, purple epithelium), the
   annotation an 8-bit instance map, Grade.csv with leading spaces and CR-only line endings.
-- fives: 512 x 512 RGB fundus images with a branching vessel tree from the optic disc, masks 0/255 (every
+- fives: 256 x 256 RGB fundus images (the real ones are 2048 x 2048; the tree is drawn to scale) with a branching vessel tree from the optic disc, masks 0/255 (every
   third one stored as RGB), Thumbs.db files, ``Quality Assessment.xlsx``, and the test split's
   ground truth in the misspelt ``Groud truth`` folder of one mirror.
 
@@ -92,7 +92,13 @@ def _isles_case(rng: np.random.Generator, lesions: int, with_flair: bool) -> dic
             centre = head_c + u * axes
             if all(np.linalg.norm((centre - c) / a) > 1.6 for c, a in vent):
                 break
-        spots.append((centre, rng.uniform(3.0, 12.0) * rng.uniform(0.7, 1.3, 3)))
+        # a lobulated lesion (an infarct is rarely an ellipsoid): a main blob and 1-3 smaller lobes
+        size = rng.uniform(5.0, 13.0)
+        spots.append((centre, size * rng.uniform(0.7, 1.3, 3)))
+        for _lobe in range(int(rng.integers(1, 4))):
+            offset = rng.normal(size=3)
+            offset *= size * rng.uniform(0.5, 0.9) / np.linalg.norm(offset)
+            spots.append((centre + offset, size * rng.uniform(0.35, 0.7) * rng.uniform(0.7, 1.3, 3)))
     tex_seed = int(rng.integers(1 << 31))
 
     def phantom(world):
@@ -110,8 +116,9 @@ def _isles_case(rng: np.random.Generator, lesions: int, with_flair: bool) -> dic
 
     head, csf, lesion, tex = phantom(_grid_world(shape, affine))
     noise = lambda s: rng.normal(0, s, shape)  # noqa: E731
-    dwi = head * (100 + 12 * tex + noise(5)) + csf * -60 + lesion * 160
-    adc = head * (800 + 60 * tex + noise(30)) + csf * 1500 - lesion * 430
+    # acute infarct: about twice the tissue's DWI signal, ADC down by ~45 %, both with scanner-like noise
+    dwi = head * (100 + 12 * tex + noise(8)) + csf * -60 + lesion * 110
+    adc = head * (800 + 60 * tex + noise(40)) + csf * 1500 - lesion * 360
     out = {"affine": affine, "dwi": np.clip(dwi, 0, None) * head, "adc": np.clip(adc, 1, None) * head,
            "mask": lesion.astype(np.uint16)}
     if with_flair:
@@ -274,11 +281,11 @@ def write_glas(out: Path, cases: int, seed: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------- FIVES
-def _draw_vessels(draw_img, draw_mask, rng, start, angle, width, steps, depth, inside) -> None:
+def _draw_vessels(draw_img, draw_mask, rng, start, angle, width, steps, depth, inside, stride) -> None:
     x, y = start
     for step in range(steps):
         angle += rng.normal(0, 0.12)
-        nx, ny = x + 7 * math.cos(angle), y + 7 * math.sin(angle)
+        nx, ny = x + stride * math.cos(angle), y + stride * math.sin(angle)
         if not inside(nx, ny):
             return
         w = max(1, int(round(width)))
@@ -290,7 +297,7 @@ def _draw_vessels(draw_img, draw_mask, rng, start, angle, width, steps, depth, i
         if depth > 0 and step > 3 and rng.uniform() < 0.09:
             side = 1 if rng.uniform() < 0.5 else -1
             _draw_vessels(draw_img, draw_mask, rng, (x, y), angle + side * rng.uniform(0.4, 0.9),
-                          width * 0.7, int(steps * 0.6), depth - 1, inside)
+                          width * 0.7, int(steps * 0.6), depth - 1, inside, stride)
 
 
 def _fives_case(rng: np.random.Generator, size: int, category: str) -> tuple[np.ndarray, np.ndarray]:
@@ -329,14 +336,14 @@ def _fives_case(rng: np.random.Generator, size: int, category: str) -> tuple[np.
         for toward, length in ((-side, 70), (side, 30)):   # temporal arcades long, nasal vessels short
             a0 = math.atan2(up, toward * 0.6)
             _draw_vessels(di, dm, rng, disc, a0 + rng.normal(0, 0.1), base_w * rng.uniform(0.85, 1.1),
-                          int(length * size / 512), 3, inside)
+                          length, 3, inside, stride=7 * size / 512)
     image = image.filter(ImageFilter.GaussianBlur(0.7))
     arr = np.asarray(image).astype(np.float64)
     arr += rng.normal(0, 3, arr.shape) * fundus[..., None]
     return np.clip(arr * fundus[..., None], 0, 255).astype(np.uint8), np.asarray(mask)
 
 
-def write_fives(out: Path, cases: int, seed: int, size: int = 512) -> list[str]:
+def write_fives(out: Path, cases: int, seed: int, size: int = 256) -> list[str]:
     """FIVES-like train/test folders (3:1), categories A/D/G/N, with the layout's quirks."""
     from PIL import Image
 
