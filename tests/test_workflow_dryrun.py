@@ -75,12 +75,14 @@ def test_dry_run_embedded_default(tmp_path):
     assert {j["dataset"] for j in jobs["prepare"]} == {"isles22", "brats23", "glas", "fives"}
     trained = {(j["dataset"], j["model"]) for j in jobs["train"]}
     dims = registry_dims()
-    for model in ("deconver", "unet", "dynunet", "segresnet", "unetr", "swin_unetr"):
+    for model in ("deconver", "unet", "dynunet", "segresnet", "unetr"):
         assert {d for d, m in trained if m == model} == {"isles22", "brats23", "glas", "fives"}, model
-    for model in ("smp_unet", "smp_unetplusplus", "smp_deeplabv3plus"):
-        assert dims[model] == (2,)
+    # 2D only: smp_unet by its dims, swin_unetr by the 32^3 roi of the 3D stand-ins (config comment)
+    assert dims["smp_unet"] == (2,) and 3 in dims["swin_unetr"]
+    for model in ("smp_unet", "swin_unetr"):
         assert {d for d, m in trained if m == model} == {"glas", "fives"}, model
         assert f"{model} is left out of isles22" in out
+    assert set(cfg["models"]) == {m for _, m in trained}
     assert {j["fold"] for j in jobs["train"]} == {"0"}
     assert len(jobs["evaluate"]) == len(jobs["predict"]) == len(jobs["train"]) == len(jobs["complexity"])
     # nothing but the resolved study file was written by the dry run

@@ -93,7 +93,7 @@ def _isles_case(rng: np.random.Generator, lesions: int, with_flair: bool) -> dic
             if all(np.linalg.norm((centre - c) / a) > 1.6 for c, a in vent):
                 break
         # a lobulated lesion (an infarct is rarely an ellipsoid): a main blob and 1-3 smaller lobes
-        size = rng.uniform(5.0, 13.0)
+        size = rng.uniform(7.0, 15.0)  # mm: infarcts of ~2-30 ml (ISLES'22 spans 0.1 to over 100 ml)
         spots.append((centre, size * rng.uniform(0.7, 1.3, 3)))
         for _lobe in range(int(rng.integers(1, 4))):
             offset = rng.normal(size=3)
