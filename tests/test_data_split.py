@@ -78,6 +78,17 @@ def test_official_split_glas_and_fives(tmp_path):
     assert data["method"] == "official" and data["num_folds"] == 1
     assert all(c.startswith("train_") for c in data["folds"][0]["train"])
     assert data["folds"][0]["val"] and all(c.startswith("test_") for c in data["folds"][0]["val"])
+    # the authors' folds need all 800 FIVES images: stand-ins whose names the real set lacks are named, and
+    # the ids of the file without a case (10 of them, and the count)
+    assert main(["split", "--prepared", str(tmp_path / "prep"), "--out", str(out), "--method", "authors"]) == 1
+    from deconver.data import DatasetError, PreparedDataset
+    from deconver.data.split import split_prepared
+
+    with pytest.raises(DatasetError, match=r"2 case\(s\) of the data have no fold in the authors' file: train_2_D, "
+                                           r"train_3_G; 798 id\(s\) of the authors' file are not in the data: "
+                                           r"test/Original_100_D, (test/Original_\d+_[A-Z], ){8}test/Original_109_G "
+                                           r"… \(798 in all\)"):
+        split_prepared(PreparedDataset(tmp_path / "prep"), dataset="fives", num_folds=5, seed=0, method="authors")
 
 
 def test_cli_kfold_noop_and_refusals(tmp_path, capsys):
