@@ -58,6 +58,7 @@ def test_read_only_results_folder(isles, tmp_path):
     _one_error_line(proc, "prepare", str(out), "cannot write", "writable")
 
 
+@pytest.mark.slow
 def test_disk_full_while_training_checkpoints(isles, tmp_path):
     """The prepared cache and fold file fit, the first checkpoint does not."""
     results = tmp_path / "results"
