@@ -35,8 +35,10 @@ import numpy as np
 import pandas as pd
 
 from deconver.io import atomic_path, provenance, write_json_atomic
+from deconver.paths import StudyPaths
 from deconver.report.conventions import OUTPUTS as CONVENTION_OUTPUTS
 from deconver.report.conventions import pool_conventions, with_convention
+from deconver.report.learning import learning_check, native_voxels
 
 EVAL_COLUMNS = ["study", "dataset", "model", "fold", "case", "region", "metric", "value",
                 "gt_voxels", "pred_voxels", "gt_empty", "pred_empty", "spacing", "unit", "hd_impl"]
@@ -94,7 +96,7 @@ def plan_from_study(config: str | Path, results: Path | None = None, reference: 
         preset = study.preset(name)
         # the prepared manifest knows whether the cases were synthetic (a `synthetic: true` entry only
         # writes stand-ins when its root is absent); without a manifest the entry decides
-        synthetic = _manifest_synthetic(root / "prepared" / name / "manifest.json")
+        synthetic = _manifest_synthetic(_manifest(root, name))
         specs.append(DatasetSpec(
             name=name, preset=preset.name, spatial_dims=preset.spatial_dims, regions=list(preset.labels),
             rule=preset.metrics.empty_rule, penalty=preset.metrics.hd95_penalty,
@@ -136,7 +138,7 @@ def plan_from_tree(results: Path, rule: str | None = None, penalty: float | str 
             rules, preset_name, dims, regions = preset.metrics, preset.name, preset.spatial_dims, list(preset.labels)
         except ConfigError:
             rules, preset_name, dims, regions = MetricRules(), name, None, []
-        manifest = results / "prepared" / name / "manifest.json"
+        manifest = _manifest(results, name)
         is_synth = name in synthetic or bool(_manifest_synthetic(manifest))
         folds = sorted(set().union(*models.values()))
         specs.append(DatasetSpec(
@@ -145,6 +147,11 @@ def plan_from_tree(results: Path, rule: str | None = None, penalty: float | str 
             synthetic=is_synth, models=sorted(models), folds=folds))
     return Plan(study=results.name, results=results, datasets=specs, complexity=(results / "complexity").is_dir(),
                 reference=reference)
+
+
+def _manifest(results: Path, dataset: str) -> Path:
+    """The prepared manifest of `dataset` in a study's results folder."""
+    return StudyPaths(results=Path(results), reports=Path()).manifest(dataset)
 
 
 def _manifest_synthetic(manifest: Path) -> bool | None:
@@ -380,6 +387,7 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
     options = dict(datasets=[vars(d) for d in plan.datasets], complexity=plan.complexity, reference=plan.reference,
                    alt_rules=list(alt_rules), version=_version())
     inputs = [p for *_, p in eval_files] + [p for *_, p in cx_files] + [p for *_, p in logs_present]
+    inputs += [m for m in (_manifest(plan.results, ds.name) for ds in plan.datasets) if m.is_file()]
     digest = _digest(inputs, options)
     meta_path = out / "aggregate.json"
     if not force and meta_path.is_file() and all((out / o).is_file() for o in OUTPUTS):
@@ -421,13 +429,14 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
             summary_parts.append(summ)
             if rule == ds.rule:
                 per_case_parts.append(ruled)
+                learning = learning_check(ruled, raw, native_voxels(_manifest(plan.results, ds.name)))
         hd = raw[raw["metric"] == "hd95"]
         ds_meta[ds.name] = dict(
             preset=ds.preset, spatial_dims=ds.spatial_dims, synthetic=ds.synthetic, rule=ds.rule,
             penalty=ds.penalty, regions=[r for r in regions if r in set(raw["region"])] or regions,
             hd95_unit=_single(hd["unit"]) if len(hd) else (units[0] if len(units) == 1 else ",".join(units)),
             hd_impl=",".join(impls), models=ds.models, folds=ds.folds, skipped_models=ds.skipped_models,
-            metrics=sorted(raw["metric"].dropna().unique()),
+            metrics=sorted(raw["metric"].dropna().unique()), learning=learning,
         )
         # cases per model (they differ only if a run evaluated fewer cases); the largest is reported
         per_model = raw.drop_duplicates(["model", "fold", "case"]).groupby("model").size()
@@ -467,6 +476,7 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
 
     meta = dict(study=plan.study, results=str(plan.results), reference=plan.reference, seed=plan.seed,
                 complexity=plan.complexity, datasets=ds_meta, alt_rules=list(alt_rules),
+                did_not_learn=[f"{d}/{m}" for d, dm in ds_meta.items() for m, c in dm["learning"].items() if not c["learned"]],
                 train_logs_missing=logs_missing, inputs_digest=digest, provenance=provenance("cpu"))
     write_json_atomic(meta_path, meta)
     return meta

@@ -30,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from deconver.io import write_json_atomic, write_text_atomic
+from deconver.report import learning
 from deconver.report import stats as S
 from deconver.report.tables import Column, Table
 
@@ -491,7 +492,7 @@ def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None
     prov = meta.get("provenance", {})
     synth = [d for d, m in meta["datasets"].items() if m.get("synthetic")]
     parts = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
-             f"<title>Deconver suite report: {html.escape(study)}</title>", f"<style>{CSS}</style></head><body>",
+             f"<title>Deconver suite report: {html.escape(study)}</title>", f"<style>{CSS}{learning.CSS}</style></head><body>",
              f"<h1>Study <code>{html.escape(study)}</code></h1>",
              f"<p>Reference model: <b>{html.escape(agg.reference)}</b>. Datasets: "
              + ", ".join(html.escape(_ds_title(d, m)) for d, m in meta["datasets"].items())
@@ -501,7 +502,13 @@ def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None
         parts.append(f"<p class='banner'><b>Synthetic data.</b> {html.escape(', '.join(synth))} "
                      f"{'is a synthetic stand-in' if len(synth) == 1 else 'are synthetic stand-ins'}: the numbers check "
                      "the pipeline and are not comparable with the paper's.</p>")
+    check = learning.section_html(meta)
+    if learning.failures(meta):  # a red line at the top, the section says which and why
+        parts.append(f"<p class='alarm'><b>{learning.DID_NOT_LEARN.capitalize()}:</b> "
+                     f"{html.escape(', '.join(learning.failures(meta)))} (see <a href='#self-check'>Self-check</a>).</p>")
     nav = ["<nav><b>Contents</b><ul>"]
+    if check:
+        nav.append("<li><a href='#self-check'>Self-check: did every model learn?</a></li>")
     if repro is not None:
         nav.append("<li><a href='#reproduction'>Reproduction of the paper</a></li>")
     for d, m in meta["datasets"].items():
@@ -510,6 +517,8 @@ def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None
         nav.append("<li><a href='#ranks'>Ranks across datasets</a></li>")
     nav.append("<li><a href='#files'>Files</a></li></ul></nav>")
     parts += nav
+    if check:
+        parts.append(check)
     if repro is not None:
         parts += ["<section id='reproduction'><h2>Reproduction of the paper</h2>", repro.to_html(), "</section>"]
     for d, m in meta["datasets"].items():
