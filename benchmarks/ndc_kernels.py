@@ -106,23 +106,26 @@ def kernel_specs(sc: int, k: int, dims: int, size: int) -> list[tuple]:
     _, _, meta = kt._geometry(x, h)
     block = meta["BLOCK"]
     warps = 4  # Triton's default, used by every launcher
+    out = dict(FROM_OUT=True)  # backward from the saved output: what runs behind the mixer's ReLU (x >= 0)
     fg = kt.filter_grad_launch(x, h)
     specs = [
         ("forward: K", kt._k_kernel, dict(RELU=True, **meta), warps, block, ()),
         ("forward: update", kt._update_kernel, dict(RELU=True, **meta), warps, block, ()),
         ("inline: K (x2: of w, of gd)", kt._k_kernel, dict(RELU=False, **meta), warps, block, ()),
-        ("inline: grad_a", kt._grad_a_kernel, dict(RELU=True, NEED_H=True, STORE_R=False, **meta), warps, block, ()),
+        ("inline: grad_a", kt._grad_a_kernel, dict(RELU=True, NEED_H=True, STORE_R=False, **out, **meta), warps,
+         block, ()),
         ("inline: grad_s", kt._grad_s_kernel,
-         dict(RELU=True, NEED_Z=True, NEED_H=True, R_SAVED=False, **meta), warps, block, ()),
-        ("split: grad_a", kt._grad_a_kernel, dict(RELU=True, NEED_H=False, STORE_R=True, **meta), warps, block, ()),
+         dict(RELU=True, NEED_Z=True, NEED_H=True, R_SAVED=False, **out, **meta), warps, block, ()),
+        ("split: grad_a", kt._grad_a_kernel, dict(RELU=True, NEED_H=False, STORE_R=True, **out, **meta), warps,
+         block, ()),
         ("split: K pair", kt._k_pair_kernel, dict(meta, NEED_X=True, BLOCK=kt._K_PAIR_BLOCK), warps,
          kt._K_PAIR_BLOCK, ()),
         ("split: grad_s", kt._grad_s_kernel,
-         dict(RELU=True, NEED_Z=True, NEED_H=False, R_SAVED=True, **meta), warps, block, ()),
+         dict(RELU=True, NEED_Z=True, NEED_H=False, R_SAVED=True, **out, **meta), warps, block, ()),
     ]
-    for pair in (True, False):
+    for pair in (True, False):  # the K term divides the saved output by R (s = out / R)
         specs.append((f"split: filter grad ({'A terms' if pair else 'K term'})", kt._filter_grad_kernel,
-                      dict(RELU=not pair, PAIR=pair, **fg["meta"]), fg["num_warps"], fg["rows"] * size,
+                      dict(RELU=False, PAIR=pair, DIV=not pair, **fg["meta"]), fg["num_warps"], fg["rows"] * size,
                       (fg["rows"] * -(-size // fg["meta"]["BV"]), fg["rows"])))
     return specs
 

@@ -40,10 +40,12 @@ def _rel(a, b):
      ((4, 5, 3), 2, 4, 3, True, (True, True, False))],
 )
 @pytest.mark.parametrize("mode", ["inline", "split"])
+@pytest.mark.parametrize("from_output", [False, True], ids=["z-saved", "output-saved"])
 def test_kernels_match_float64_lean_update(kernels, spatial, channels, sc, kernel, relu_input, needs, mode,
-                                           monkeypatch):
+                                           from_output, monkeypatch):
     """Forward and the requested gradients of one update equal the float64 lean node (1e-6 relative),
-    with either backward strategy (DECONVER_NDC_BACKWARD)."""
+    with either backward strategy (DECONVER_NDC_BACKWARD), from the saved pre-activation ``z`` or from
+    the saved output (what NDCUpdate keeps when ``x >= 0``)."""
     monkeypatch.setenv("DECONVER_NDC_BACKWARD", mode)
     if mode == "split":  # the separate filter-gradient kernel really runs, and only for dL/dh
         monkeypatch.setattr(kernels, "filter_grad", _counted(kernels.filter_grad, calls := []))
@@ -64,7 +66,11 @@ def test_kernels_match_float64_lean_update(kernels, spatial, channels, sc, kerne
     out, t1 = kernels.update_forward(x32, z32, h32, 1e-16, relu_input)
     assert _rel(out.cpu(), expected.detach()) <= 1e-6
     need_x, need_z, need_h = needs
-    gx, gz, gh = kernels.update_backward(g32, x32, z32, h32, t1, 1e-16, relu_input, need_x, need_z, need_h)
+    saved = out if from_output else z32
+    if from_output:
+        z32 = None  # the kernels must not need it
+    gx, gz, gh = kernels.update_backward(g32, x32, saved, h32, t1, 1e-16, relu_input, need_x, need_z, need_h,
+                                         from_output=from_output)
     for got, want, needed in ((gx, xr.grad, need_x), (gz, zr.grad, need_z), (gh, hr.grad, need_h)):
         if needed:
             assert got.shape == want.shape and _rel(got.cpu(), want) <= 1e-6
@@ -109,16 +115,20 @@ def test_backward_mode_is_checked(kernels, monkeypatch):
         kernels.backward_mode()
 
 
-@pytest.mark.parametrize("batch,num_iters", [(1, 1), (2, 2)])
-def test_layer_on_fused_path_matches_reference(kernels, batch, num_iters, monkeypatch):
+@pytest.mark.parametrize("batch,num_iters,shift", [(1, 1, 0.0), (2, 2, 0.0), (1, 1, -0.5)],
+                         ids=["b1-nonneg", "b2-iters2-nonneg", "b1-signed"])
+def test_layer_on_fused_path_matches_reference(kernels, batch, num_iters, shift, monkeypatch):
     """The whole float32 layer through the fused path equals the official formulation run in float64
-    (forward 1e-6, every gradient 1e-5 relative; the float64 reference keeps cuDNN's TF32 out)."""
-    calls = []
-    forward = kernels.update_forward
+    (forward 1e-6, every gradient 1e-5 relative; the float64 reference keeps cuDNN's TF32 out). A
+    nonnegative input keeps the output for backward (not the pre-activation projection), a signed one
+    the projection."""
+    calls, modes = [], []
+    forward, backward = kernels.update_forward, kernels.update_backward
     monkeypatch.setattr(kernels, "update_forward", lambda *a: calls.append(1) or forward(*a))
+    monkeypatch.setattr(kernels, "update_backward", lambda *a, **k: modes.append(k["from_output"]) or backward(*a, **k))
     torch.manual_seed(1)
     layer = NDC(4, 3, ratio=2, num_iters=num_iters, spatial_dims=3).to(DEVICE)
-    x = torch.rand(batch, 4, 6, 5, 4, device=DEVICE, requires_grad=True)
+    x = (torch.rand(batch, 4, 6, 5, 4, device=DEVICE) + shift).requires_grad_()
     y = layer(x)
     assert len(calls) == num_iters  # the fused kernels really ran
     gy = torch.randn_like(y)
@@ -128,6 +138,7 @@ def test_layer_on_fused_path_matches_reference(kernels, batch, num_iters, monkey
     x64 = x.detach().double().requires_grad_()
     y_ref = reference(x64)
     grads_ref = torch.autograd.grad(y_ref, [x64, *reference.parameters()], gy.double())
+    assert modes == [shift >= 0] * num_iters
     assert _rel(y, y_ref) <= 1e-6
     for got, want in zip(grads, grads_ref):
         assert _rel(got, want) <= 1e-5

@@ -23,7 +23,7 @@ Two implementations of the same layer (same parameters, interchangeable state di
     ordinary grouped convolutions with ``G`` groups on the unsplit tensor (the filter is shared by the
     batch, so this is exactly the same map), the adjoint as a convolution with the flipped, regrouped
     filter, and one custom autograd node, :class:`NDCUpdate`, that keeps only ``x``, the pre-activation
-    projection ``z`` (unfused with ``x >= 0``: the update's output, from which ``s`` is recovered) and
+    projection ``z`` (with ``x >= 0``: the update's output, from which ``s`` is recovered) and
     ``K(s)`` for backward and recomputes ``A(x)`` and ``A(K(s))`` there. ReLU and
     the projection's bias are folded into the node, and the source-sized temporaries are updated in
     place (two alive at a time). On CPU the 2D/3D layer computes in channels-last layout, the layout in
@@ -350,9 +350,9 @@ class NDCUpdate(torch.autograd.Function):
     which must be nonnegative (the backward relies on ``A(K(s)) + eps > 0``). The computation runs in
     the memory layout of ``z``; ``x`` is converted to it on the fly if needed (a temporary copy).
 
-    Saved for backward: ``x``, ``z`` and ``K(s)`` (plus the small ``h``); on the unfused path with
-    ``x >= 0`` and ``eps > 0`` the output replaces ``z`` (``s = out * D / N``, see
-    :func:`_lean_backward`), so the caller must not modify the output in place. ``A(x)``
+    Saved for backward: ``x``, ``z`` and ``K(s)`` (plus the small ``h``); with ``x >= 0`` and ``eps > 0``
+    the output replaces ``z`` (``s = out * D / N``, see :func:`_lean_backward`; the fused kernels do the
+    same), so the caller must not modify the output in place. ``A(x)``
     and ``A(K(s))`` are recomputed in backward. Not twice differentiable.
 
     Cost (for FLOP counters; the class name is stable: TorchScript/fvcore see this node as
@@ -370,15 +370,14 @@ class NDCUpdate(torch.autograd.Function):
         if ctx.fused:
             x, z, h = x.contiguous(), z.contiguous(), h.contiguous()
             out, t1 = _triton_kernels().update_forward(x, z, h, eps, relu_input)
-            ctx.from_output = False
         else:
             out, t1 = _lean_update_forward(x, z, h, groups, eps, relu_input)
-            # With x >= 0 (the mixer's ReLU gives it) and eps > 0, N = A(x) + eps > 0, so s = out * D / N
-            # can be recovered in backward: keep the output (alive anyway: the next layer holds it)
-            # instead of z, one source-sized tensor less over the layer's lifetime.
-            ctx.from_output = eps > 0 and not _is_fake(x) and bool(x.min() >= 0)  # fake: shapes only
-            if ctx.from_output:
-                z = out
+        # With x >= 0 (the mixer's ReLU gives it) and eps > 0, N = A(x) + eps > 0, so s = out * D / N
+        # can be recovered in backward: keep the output (alive anyway: the next layer holds it)
+        # instead of z, one source-sized tensor less over the layer's lifetime (both paths).
+        ctx.from_output = eps > 0 and not _is_fake(x) and bool(x.min() >= 0)  # fake: shapes only
+        if ctx.from_output:
+            z = out
         ctx.save_for_backward(x, z, h, t1)
         ctx.cfg = (groups, eps, relu_input)
         return out
@@ -394,7 +393,8 @@ class NDCUpdate(torch.autograd.Function):
         groups, eps, relu_input = ctx.cfg
         need_x, need_z, need_h = ctx.needs_input_grad[:3]
         if ctx.fused:
-            gx, gz, gh = _triton_kernels().update_backward(g, x, z, h, t1, eps, relu_input, need_x, need_z, need_h)
+            gx, gz, gh = _triton_kernels().update_backward(g, x, z, h, t1, eps, relu_input, need_x, need_z, need_h,
+                                                           from_output=ctx.from_output)
             return gx, gz, gh, None, None, None
         gx, gz, gh = _lean_backward(g, x, z, h, t1, groups, eps, relu_input, ctx.from_output, need_x, need_z, need_h)
         return gx, gz, gh, None, None, None

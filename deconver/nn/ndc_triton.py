@@ -1,33 +1,29 @@
 """Fused Triton kernels of one NDC update for depth-wise filters (the paper's configuration), float32.
 
-Used by :class:`deconver.nn.ndc.NDCUpdate` on CUDA when the filter is depth-wise (``G = C``, one
-filter channel per group), every tensor is float32 and Triton is installed; ``DECONVER_NDC_FUSED=0``
-turns it off. Same notation as :mod:`deconver.nn.ndc`: input ``x`` ``(B, C, *S)``, pre-activation
-projection ``z`` ``(B, C*sc, *S)``, rectified filter ``h`` ``(C, sc, *k)``; 1D and 2D tensors are
-treated as 3D with unit leading axes.
+Used by :class:`deconver.nn.ndc.NDCUpdate` on CUDA for depth-wise filters (``G = C``), float32, with
+Triton installed (``DECONVER_NDC_FUSED=0``: off). Notation of :mod:`deconver.nn.ndc`: ``x`` ``(B, C, *S)``,
+pre-activation ``z`` ``(B, C*sc, *S)``, filter ``h`` ``(C, sc, *k)``; 1D/2D run as 3D with unit axes.
+Every kernel runs one program per (sample, channel ``c``) and block of voxels, reads the group's ``sc``
+source channels and evaluates the ``k^d`` stencil directly (cuDNN's grouped convolutions with
+1 -> sc channels per group run far below memory bandwidth):
 
-Every kernel runs one program per (sample, channel ``c``) and block of voxels, reads the ``sc``
-source channels of its group and evaluates the ``k^d`` stencil directly (cuDNN's grouped
-convolutions with 1 -> sc channels per group run far below memory bandwidth):
-
-* forward: ``K(s)`` (``_k_kernel``, ReLU of ``z`` folded in), then ``s * (A(x) + eps) / (A(K(s)) + eps)``
-  (``_update_kernel``, both adjoints and the quotient in one pass) -- about 20 layer-input-sizes of
-  memory traffic instead of the ~76 of the original formulation;
-* backward (``x``, ``z``, ``K(s)`` saved): ``_grad_a_kernel`` recomputes ``A(x)`` and ``A(K(s))`` and
-  writes ``w = dL/dA(x)`` and ``gd = dL/dA(K(s))`` with their filter-gradient partial sums;
-  ``_k_kernel`` gives ``dL/dx = K(w)`` and ``dL/dK(s) = K(gd)``; ``_grad_s_kernel`` recomputes the
-  quotient and writes ``dL/dz`` with the last filter-gradient partial sums. Partial sums are stored
-  per program and reduced by ``torch.sum`` (deterministic, no atomics).
-* backward, two strategies (``DECONVER_NDC_BACKWARD``, :func:`backward_mode`). ``inline`` (default,
-  the one timed on a GPU): as above, filter-gradient partial sums reduced across the 512-voxel block for
-  every tap inside ``_grad_a_kernel`` and ``_grad_s_kernel``. ``split``: ``_grad_a_kernel`` stores
-  ``R = Nn / Dn`` instead of ``gd = -w * R``; ``_k_pair_kernel`` gives ``K(w)`` and ``K(-w * R)`` in one
-  pass; ``_grad_s_kernel`` reads ``R`` instead of recomputing both adjoints; the filter gradient is
-  left to ``_filter_grad_kernel`` (the two adjoint terms in one pass, the ``K`` term in another),
-  which accumulates every tap's products element-wise over 8192 voxels per program and reduces once.
-  Eight stencil passes instead of ten, no barrier per tap, no kernel at the 255-register cap or
-  spilling (``benchmarks/ndc_kernels.py`` gives the compiled counts); which is faster on a GPU is for
-  ``benchmarks/ndc.py --lean-variant split:DECONVER_NDC_BACKWARD=split`` to say.
+* forward: ``K(s)`` (``_k_kernel``, ReLU folded in), then ``s * (A(x) + eps) / (A(K(s)) + eps)``
+  (``_update_kernel``, both adjoints and the quotient in one pass): ~20 layer-input-sizes of traffic
+  (the original formulation: ~76);
+* backward (``x``, ``K(s)`` and ``z`` -- or, when ``x >= 0``, the output ``out = s * R``, from which
+  ``s / Dn = out / Nn`` and ``s = out / R`` -- saved), two strategies (``DECONVER_NDC_BACKWARD``,
+  :func:`backward_mode`). ``inline`` (default, the one timed on a GPU): ``_grad_a_kernel`` recomputes
+  ``A(x)`` and ``A(K(s))`` and writes ``w = dL/dA(x)`` and ``gd = dL/dA(K(s))``; ``_k_kernel`` gives
+  ``dL/dx = K(w)`` and ``dL/dK(s) = K(gd)``; ``_grad_s_kernel`` recomputes the quotient and writes
+  ``dL/dz``; filter-gradient partial sums are reduced across the 512-voxel block for every tap inside
+  the first and last kernel, stored per program and summed by ``torch.sum`` (deterministic, no
+  atomics). ``split``: ``_grad_a_kernel`` stores ``R = Nn / Dn`` instead of ``gd = -w * R``;
+  ``_k_pair_kernel`` gives ``K(w)`` and ``K(-w * R)`` in one pass; ``_grad_s_kernel`` reads ``R``; the
+  filter gradient is left to ``_filter_grad_kernel`` (the two adjoint terms in one pass, the ``K`` term
+  in another), which accumulates every tap's products element-wise over 8192 voxels per program and
+  reduces once: eight stencil passes instead of ten, no barrier per tap, no kernel at the 255-register
+  cap (``benchmarks/ndc_kernels.py`` gives the compiled counts; ``benchmarks/ndc.py --lean-variant
+  split:DECONVER_NDC_BACKWARD=split`` times them).
 
 Exactness: float32 throughout with per-voxel sums in a fixed order (no TF32); tested against the
 float64 reference under ``TRITON_INTERPRET=1`` on the CPU (tests/test_ndc_triton.py).
@@ -181,11 +177,12 @@ def _update_kernel(x_ptr, t_ptr, z_ptr, h_ptr, out_ptr, eps, D, H, W, C, RELU: t
 
 @triton.jit
 def _grad_a_kernel(x_ptr, t_ptr, z_ptr, g_ptr, h_ptr, w_ptr, gd_ptr, part_ptr, eps, D, H, W, C,
-                   RELU: tl.constexpr, NEED_H: tl.constexpr, STORE_R: tl.constexpr, SC: tl.constexpr,
-                   SCP: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                   RELU: tl.constexpr, NEED_H: tl.constexpr, STORE_R: tl.constexpr, FROM_OUT: tl.constexpr,
+                   SC: tl.constexpr, SCP: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                    BLOCK: tl.constexpr):
     """w = g * s / Dn (dL/dA(x)) and gd = -w * R (dL/dA(t)), R = Nn / Dn; with STORE_R, R instead of
-    gd. With NEED_H, this program's part of sum_v w[i, v] x[v - (o - pad)] + gd[i, v] t[v - (o - pad)]
+    gd. With FROM_OUT, ``z_ptr`` holds the update's output ``out = s * R`` and ``w = g * out / Nn``.
+    With NEED_H, this program's part of sum_v w[i, v] x[v - (o - pad)] + gd[i, v] t[v - (o - pad)]
     per (i, o) (the filter gradient through both adjoints)."""
     pid_v, bc, c, V, offs, vmask, ii, imask = _program(D, H, W, C, SC, SCP, BLOCK)
     KV: tl.constexpr = KD * KH * KW
@@ -195,11 +192,14 @@ def _grad_a_kernel(x_ptr, t_ptr, z_ptr, g_ptr, h_ptr, w_ptr, gd_ptr, part_ptr, e
     num, den = _adjoints(x_row, t_row, hrow, offs, vmask, imask, D, H, W, SCP, KD, KH, KW, BLOCK)
     idx, mask2 = _source_tile(bc, V, offs, vmask, ii, imask, SC)
     s = tl.load(z_ptr + idx, mask=mask2, other=0.0)
-    if RELU:
+    if RELU and not FROM_OUT:
         s = tl.maximum(s, 0.0)
     g = tl.load(g_ptr + idx, mask=mask2, other=0.0)
     den = den + eps
-    w = g * s / den
+    if FROM_OUT:
+        w = g * s / (num + eps)  # s / Dn = out / Nn
+    else:
+        w = g * s / den
     r = (num + eps) / den
     gd = -w * r
     tl.store(w_ptr + idx, w, mask=mask2)
@@ -218,11 +218,12 @@ def _grad_a_kernel(x_ptr, t_ptr, z_ptr, g_ptr, h_ptr, w_ptr, gd_ptr, part_ptr, e
 @triton.jit
 def _grad_s_kernel(x_ptr, t_ptr, r_ptr, gt_ptr, z_ptr, g_ptr, h_ptr, gz_ptr, part_ptr, eps, D, H, W, C,
                    RELU: tl.constexpr, NEED_Z: tl.constexpr, NEED_H: tl.constexpr, R_SAVED: tl.constexpr,
-                   SC: tl.constexpr, SCP: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   FROM_OUT: tl.constexpr, SC: tl.constexpr, SCP: tl.constexpr, KD: tl.constexpr,
+                   KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr):
     """dL/dz = (g * R + A(gt)) * [z > 0 if RELU], gt = dL/dK(s), R = Nn / Dn (read from ``r_ptr`` with
     R_SAVED, else recomputed from x and t); with NEED_H, this program's part of
-    sum_v s[i, v] gt[v - (o - pad)] per (i, o) (the filter gradient through K)."""
+    sum_v s[i, v] gt[v - (o - pad)] per (i, o) (the filter gradient through K). With FROM_OUT, ``z_ptr``
+    holds the output ``out = s * R``: ``s = out / R`` and ReLU's mask is ``out > 0``."""
     pid_v, bc, c, V, offs, vmask, ii, imask = _program(D, H, W, C, SC, SCP, BLOCK)
     KV: tl.constexpr = KD * KH * KW
     hrow = h_ptr + c * SC * KV + ii * KV
@@ -230,7 +231,15 @@ def _grad_s_kernel(x_ptr, t_ptr, r_ptr, gt_ptr, z_ptr, g_ptr, h_ptr, gz_ptr, par
     idx, mask2 = _source_tile(bc, V, offs, vmask, ii, imask, SC)
     z = tl.load(z_ptr + idx, mask=mask2, other=0.0)
     s = z
-    if RELU:
+    if FROM_OUT:  # R first: s = out / R
+        if R_SAVED:
+            r = tl.load(r_ptr + idx, mask=mask2, other=1.0)
+        else:
+            num, den = _adjoints(x_ptr + bc * V, t_ptr + bc * V, hrow, offs, vmask, imask, D, H, W, SCP, KD,
+                                 KH, KW, BLOCK)
+            r = (num + eps) / (den + eps)
+        s = z / r
+    elif RELU:
         s = tl.maximum(z, 0.0)
     acc = tl.zeros([SCP, BLOCK], dtype=tl.float32)
     part = part_ptr + (bc * tl.num_programs(0) + pid_v) * SC * KV + ii * KV
@@ -245,12 +254,13 @@ def _grad_s_kernel(x_ptr, t_ptr, r_ptr, gt_ptr, z_ptr, g_ptr, h_ptr, gz_ptr, par
                 if NEED_H:
                     tl.store(part + (kd * KH + kh) * KW + kw, tl.sum(s * gv, axis=1), mask=imask)
     if NEED_Z:
-        if R_SAVED:
-            r = tl.load(r_ptr + idx, mask=mask2, other=0.0)
-        else:
-            num, den = _adjoints(x_ptr + bc * V, t_ptr + bc * V, hrow, offs, vmask, imask, D, H, W, SCP, KD,
-                                 KH, KW, BLOCK)
-            r = (num + eps) / (den + eps)
+        if not FROM_OUT:
+            if R_SAVED:
+                r = tl.load(r_ptr + idx, mask=mask2, other=0.0)
+            else:
+                num, den = _adjoints(x_ptr + bc * V, t_ptr + bc * V, hrow, offs, vmask, imask, D, H, W, SCP, KD,
+                                     KH, KW, BLOCK)
+                r = (num + eps) / (den + eps)
         g = tl.load(g_ptr + idx, mask=mask2, other=0.0)
         acc += g * r
         if RELU:
@@ -260,10 +270,12 @@ def _grad_s_kernel(x_ptr, t_ptr, r_ptr, gt_ptr, z_ptr, g_ptr, h_ptr, gz_ptr, par
 
 @triton.jit
 def _filter_grad_kernel(a_ptr, b_ptr, y_ptr, y2_ptr, part_ptr, D, H, W, ROWS, RELU: tl.constexpr,
-                        PAIR: tl.constexpr, SC: tl.constexpr, SCP: tl.constexpr, KD: tl.constexpr,
-                        KH: tl.constexpr, KW: tl.constexpr, KVP: tl.constexpr, BV: tl.constexpr):
-    """part[bc, chunk, i, o] = sum over the chunk's voxels v of f(a[i, v]) * y[v - (o - pad)] (f = relu
-    or identity), with PAIR minus a[i, v] b[i, v] y2[v - (o - pad)] (source rows ``b * C * SC + c * SC + i``,
+                        PAIR: tl.constexpr, DIV: tl.constexpr, SC: tl.constexpr, SCP: tl.constexpr,
+                        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, KVP: tl.constexpr,
+                        BV: tl.constexpr):
+    """part[bc, chunk, i, o] = sum over the chunk's voxels v of f(a[i, v]) * y[v - (o - pad)] (f = relu,
+    identity or, with DIV, division by b[i, v]), with PAIR minus a[i, v] b[i, v] y2[v - (o - pad)]
+    (PAIR and DIV exclusive; source rows ``b * C * SC + c * SC + i``,
     channel rows ``b * C + c``). A program's chunk is ``ROWS`` rows of the contiguous axis, walked in
     blocks of ``BV`` voxels (no block crosses a row: the taps' depth/height bounds are checked once per
     row, and no integer division runs in the loops); every tap's product is accumulated element-wise
@@ -302,6 +314,8 @@ def _filter_grad_kernel(a_ptr, b_ptr, y_ptr, y2_ptr, part_ptr, D, H, W, ROWS, RE
             av = tl.load(a_rows + offs[None, :], mask=amask, other=0.0)
             if RELU:
                 av = tl.maximum(av, 0.0)
+            if DIV:
+                av = av / tl.load(b_rows + offs[None, :], mask=amask, other=1.0)
             acc += av[:, None, :] * tl.load(y_row + nb, mask=inside, other=0.0)[None, :, :]
             if PAIR:
                 ab = av * tl.load(b_rows + offs[None, :], mask=amask, other=0.0)
@@ -373,24 +387,26 @@ def filter_grad_launch(y: Tensor, h: Tensor) -> dict:
 
 
 def filter_grad(a: Tensor, y: Tensor, h: Tensor, relu: bool, b: Tensor | None = None,
-                y2: Tensor | None = None) -> Tensor:
-    """``sum_b,v f(a[b, c*sc + i, v]) * y[b, c, v - (o - pad)]`` as a ``(C, sc, *k)`` filter gradient,
-    f = ReLU or identity: the gradient of ``<A(y), f(a)> = <y, K(f(a))>`` with respect to ``h``; with
-    ``b`` and ``y2``, minus the same sum of ``a * b`` and ``y2`` (both adjoints' terms in one pass)."""
+                y2: Tensor | None = None, div: Tensor | None = None) -> Tensor:
+    """``sum_b,v f(a[b, c*sc + i, v]) * y[b, c, v - (o - pad)]`` as a ``(C, sc, *k)`` filter gradient
+    (f = ReLU, identity or, with ``div``, ``a / div``): the gradient of ``<A(y), f(a)>`` w.r.t. ``h``;
+    with ``b`` and ``y2``, minus the same sum of ``a * b`` and ``y2`` (both adjoints' terms in one pass)."""
     launch = filter_grad_launch(y, h)
     grid, meta, (d, hh, w) = launch["grid"], launch["meta"], launch["spatial"]
     part = y.new_empty((y.shape[0], y.shape[1], grid[0], h.shape[1] * meta["KD"] * meta["KH"] * meta["KW"]))
     pair = b is not None
-    _filter_grad_kernel[grid](a, b if pair else a, y, y2 if pair else y, part, d, hh, w, launch["rows"], RELU=relu,
-                              PAIR=pair, num_warps=launch["num_warps"], **meta)
+    other = b if pair else div if div is not None else a  # (a pair and div exclude each other)
+    _filter_grad_kernel[grid](a, other, y, y2 if pair else y, part, d, hh, w, launch["rows"], RELU=relu,
+                              PAIR=pair, DIV=div is not None, num_warps=launch["num_warps"], **meta)
     return part.sum(dim=(0, 2)).view(h.shape)
 
 
 def update_backward(g: Tensor, x: Tensor, z: Tensor, h: Tensor, t1: Tensor, eps: float, relu_input: bool,
-                    need_x: bool, need_z: bool, need_h: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients ``(dL/dx, dL/dz, dL/dh)`` of :func:`update_forward`'s first output (``None`` where not
-    needed), by the strategy :func:`backward_mode` names. Work memory: two source-sized buffers (``w``
-    and ``gd``, or ``R`` with ``split``; ``dL/dz`` is written over ``w``) and two channel-sized ones."""
+                    need_x: bool, need_z: bool, need_h: bool, from_output: bool = False,
+                    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(dL/dx, dL/dz, dL/dh)`` of :func:`update_forward` (``None`` where not needed) by the
+    :func:`backward_mode` strategy; ``z`` is the projection or, ``from_output`` (needs ``x >= 0``,
+    ``eps > 0``), the output. Work memory: two source-sized buffers, ``dL/dz`` written over the first."""
     g = g.contiguous()
     (d, hh, ww), _, meta = _geometry(x, h)
     grid = _grid(x, d * hh * ww, meta["BLOCK"])
@@ -402,7 +418,7 @@ def update_backward(g: Tensor, x: Tensor, z: Tensor, h: Tensor, t1: Tensor, eps:
     w = torch.empty_like(z)
     gd = torch.empty_like(z)  # split: R = N / D
     _grad_a_kernel[grid](x, t1, z, g, h, w, gd, part, eps, d, hh, ww, c, RELU=relu_input, NEED_H=inline,
-                         STORE_R=split, **meta)
+                         STORE_R=split, FROM_OUT=from_output, **meta)
     gx = gh = None
     if split:
         r = gd
@@ -412,10 +428,12 @@ def update_backward(g: Tensor, x: Tensor, z: Tensor, h: Tensor, t1: Tensor, eps:
                                                              **dict(meta, BLOCK=_K_PAIR_BLOCK))
         gx = gx if need_x else None
         if need_h:
-            gh = filter_grad(w, x, h, relu=False, b=r, y2=t1).add_(filter_grad(z, gt1, h, relu=relu_input))
+            k_term = (filter_grad(z, gt1, h, relu=False, div=r) if from_output
+                      else filter_grad(z, gt1, h, relu=relu_input))
+            gh = filter_grad(w, x, h, relu=False, b=r, y2=t1).add_(k_term)
         if need_z:  # dL/dz over w's buffer
             _grad_s_kernel[grid](x, t1, r, gt1, z, g, h, w, part, eps, d, hh, ww, c, RELU=relu_input, NEED_Z=True,
-                                 NEED_H=False, R_SAVED=True, **meta)
+                                 NEED_H=False, R_SAVED=True, FROM_OUT=from_output, **meta)
         return gx, (w if need_z else None), gh
     if inline:
         gh = part.sum(dim=(0, 2)).view(h.shape)
@@ -425,7 +443,7 @@ def update_backward(g: Tensor, x: Tensor, z: Tensor, h: Tensor, t1: Tensor, eps:
     gz = w if need_z else None  # w is no longer needed: dL/dz is written over it
     if need_z or inline:
         _grad_s_kernel[grid](x, t1, x, gt1, z, g, h, w, part, eps, d, hh, ww, c, RELU=relu_input, NEED_Z=need_z,
-                             NEED_H=inline, R_SAVED=False, **meta)
+                             NEED_H=inline, R_SAVED=False, FROM_OUT=from_output, **meta)
         if inline:
             gh = gh.add_(part.sum(dim=(0, 2)).view(h.shape))
     return gx, gz, gh
