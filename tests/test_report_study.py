@@ -159,7 +159,7 @@ def study(tmp_path_factory):
     cfg = make_study(tmp)
     out = deconver_cli("aggregate", "--config", str(cfg), cwd=tmp)
     assert out.returncode == 0, out.stderr
-    out = deconver_cli("report", "--config", str(cfg), "--resamples", "2000", cwd=tmp)
+    out = deconver_cli("report", "--config", str(cfg), "--resamples", "2000", cwd=tmp, timeout=900)  # ranking included
     assert out.returncode == 0, out.stderr
     assert "report.html" in out.stdout
     return dict(tmp=tmp, cfg=cfg, agg=tmp / "results" / "demo" / "aggregate", rep=tmp / "reports" / "demo")
@@ -316,6 +316,38 @@ def test_statistics_files(study):
     assert ranks.loc["unet", "mean_rank"] == 3
 
 
+def test_ranking_section_files_and_values(study):
+    rk = study["rep"] / "ranking"
+    for d in ("isles", "brats", "tiny"):
+        for metric in ("dice", "hd95"):
+            for kind in ("bootstrap", "methods", "significance", "conventions"):
+                for ext in ("md", "tex", "csv"):
+                    assert (rk / f"{d}_{metric}_{kind}.{ext}").is_file()
+        for kind in ("blob", "methods", "significance", "conventions"):
+            for ext in ("png", "svg"):
+                assert (study["rep"] / "figures" / f"ranking_{kind}_{d}.{ext}").is_file()
+    # isles Dice means (by hand): segresnet 0.78625, deconver 0.78125, unet 0.6375
+    boot = pd.read_csv(rk / "isles_dice_bootstrap.csv").set_index("model")
+    assert boot["rank_full"].to_dict() == {"segresnet": 1, "deconver": 2, "unet": 3}
+    assert boot.loc["segresnet", "mean"] == pytest.approx(78.625)
+    # unet loses to both others on every case with a lesion: it is last in (nearly) every resample
+    assert boot.loc["unet", "rank_median"] == 3 and boot.loc["unet", "p_first"] < 5
+    methods = pd.read_csv(rk / "isles_dice_methods.csv").set_index("model")
+    # segresnet vs deconver: 5 cases up, 2 down, one tie; neither wins a one-sided test after Holm
+    sig = pd.read_csv(rk / "isles_dice_significance.csv").set_index("model")
+    assert not sig.loc["segresnet", "vs_deconver"] < 0.05 and not sig.loc["deconver", "vs_segresnet"] < 0.05
+    assert methods.loc["unet", "wins"] == 0 and methods.loc["unet", "rank_test"] == 3
+    # HD95: the missed lesion of unet is penalised (300 = the diagonal) or excluded; unet is last either way
+    conv = pd.read_csv(rk / "isles_hd95_conventions.csv").set_index("model")
+    assert list(conv.columns) == ["v0", "v1", "changed"] and (conv["v0"] == conv["v1"]).all()
+    assert conv.loc["unet", "v0"] == 3 and conv["changed"].eq("no").all()
+    text = (rk / "isles_hd95_conventions.md").read_text()
+    assert "rule=penalize" in text and "rule=exclude" in text and "No rank changes" in text
+    stability = pd.read_csv(rk / "stability.csv")
+    assert set(stability["dataset"]) == {"isles", "brats", "tiny"} and (stability["n_boot"] == 1000).all()
+    assert set(stability.loc[stability["dataset"] == "brats", "region"]) == {"ET", "TC", "WT", "mean"}
+
+
 # --------------------------------------------------------------------------- figures and the page
 def test_figures_png_and_svg(study):
     from PIL import Image
@@ -345,7 +377,8 @@ def test_report_html_renders_in_chromium(study, tmp_path):
     for src in imgs:  # every image decodes (embedded PNGs)
         assert src.startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
-    for text_piece in ("too few cases to conclude", "Synthetic data", "Reproduction of the paper", "Ranks across datasets"):
+    for text_piece in ("too few cases to conclude", "Synthetic data", "Reproduction of the paper", "Ranks across datasets",
+                       "Is the ranking real?", "τ median", "ranking_blob_isles.svg"):
         assert text_piece in text
     chromium = find_chromium()
     if chromium is None:
@@ -369,7 +402,8 @@ def test_report_html_renders_in_chromium(study, tmp_path):
     m = re.fullmatch(r"IMAGES (\d+)/(\d+) TABLES (\d+)", title.group(1))
     assert m, title.group(1)
     assert m.group(1) == m.group(2) == str(len(imgs)), "an image failed to load in the browser"
-    assert int(m.group(3)) == 3 + 2 + 3 * 2  # dataset tables, reproduction + ranks, Dice + HD95 statistics
+    # dataset tables, reproduction + ranks, Dice + HD95 statistics, 4 ranking tables × (Dice, HD95) per dataset
+    assert int(m.group(3)) == 3 + 2 + 3 * 2 + 3 * 8
     with Image.open(shot) as im:
         arr = np.asarray(im.convert("RGB"), dtype=float)
     assert arr.shape[:2] == (2000, 1280)

@@ -7,7 +7,8 @@ Reads `<R>/aggregate/` (written by `deconver aggregate`) and writes `reports/<st
     tables/ranks.{md,tex,csv}             mean rank per model across datasets
     statistics/<dataset>_<metric>.{md,tex,csv}  Wilcoxon vs the reference (Holm), bootstrap CIs
     statistics/{wilcoxon,bootstrap,ranks}.csv   every comparison, every region, full precision
-    figures/*.png, figures/*.svg          distributions, Dice vs FLOPs, region bars, training curves
+    ranking/<dataset>_<metric>_*.{md,tex,csv}  is the ranking real? bootstrap ranks, methods, pairwise tests, conventions
+    figures/*.png, figures/*.svg          distributions, Dice vs FLOPs, region bars, training curves, ranking
     report.html                           everything above with captions; images embedded (base64)
     report.json                           what was written + the input digest (reruns are no-ops)
 """
@@ -49,7 +50,7 @@ OURS_FLOPS = ("'ours' = torch.utils.flop_counter, 2 FLOPs per multiply-accumulat
               "layer's included), linear layer, matrix product and attention, element-wise ops not counted")
 PAPER_FLOPS = ("'paper conv.' = the paper's DeepSpeed-profiler convention (2 FLOPs per MAC plus element-wise ops, "
                "NDC convolutions not counted)")
-OUTPUT_VERSION = 1
+OUTPUT_VERSION = 2  # 2: the ranking section
 #: Definitions of the HD95 implementations `evaluation.csv` names (docs/metrics.md), for captions.
 HD_DEFINITIONS = {
     "deconver-maxdir-p95-v1": "the larger of the two directed 95th percentiles of surface distances, as MONAI",
@@ -485,7 +486,8 @@ def _img_tag(fig) -> str:
 
 
 def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None, ranks: Table | None,
-                stats_tables: dict[str, list[tuple[str, Table]]], figs: dict[str, list], files: list[str]) -> str:
+                stats_tables: dict[str, list[tuple[str, Table]]], figs: dict[str, list], files: list[str],
+                ranking: dict | None = None) -> str:
     """The whole report as one HTML page (PNG figures embedded as base64, so the file stands alone)."""
     meta = agg.meta
     study = meta.get("study", "study")
@@ -512,7 +514,9 @@ def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None
     if repro is not None:
         nav.append("<li><a href='#reproduction'>Reproduction of the paper</a></li>")
     for d, m in meta["datasets"].items():
-        nav.append(f"<li><a href='#ds-{html.escape(d)}'>{html.escape(_ds_title(d, m))}</a></li>")
+        nav.append(f"<li><a href='#ds-{html.escape(d)}'>{html.escape(_ds_title(d, m))}</a>"
+                   + (f" (<a href='#ranking-{html.escape(d)}'>is the ranking real?</a>)" if ranking and d in ranking else "")
+                   + "</li>")
     if ranks is not None:
         nav.append("<li><a href='#ranks'>Ranks across datasets</a></li>")
     nav.append("<li><a href='#files'>Files</a></li></ul></nav>")
@@ -533,6 +537,8 @@ def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None
         parts.append("<h3>Statistics</h3>")
         for _, t in stats_tables.get(d, []):
             parts.append(t.to_html())
+        if ranking and d in ranking:
+            parts.append(_ranking_html(ranking[d]))
         parts.append("</section>")
     if ranks is not None:
         parts += ["<section id='ranks'><h2>Ranks across datasets</h2>", ranks.to_html(), "</section>"]
@@ -541,6 +547,13 @@ def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None
     parts += [f"<li><a href='{html.escape(f)}'>{html.escape(f)}</a></li>" for f in files]
     parts.append("</ul></section></body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _ranking_html(sec) -> str:
+    """One dataset's "Is the ranking real?" subsection (deconver.report.ranking_section.Section)."""
+    parts = [f"<h3 id='ranking-{html.escape(sec.dataset)}'>Is the ranking real?</h3>", f"<p>{html.escape(sec.summary)}</p>",
+             "<div class='figs'>"] + [_img_tag(f) for f in sec.figures] + ["</div>"]
+    return "\n".join(parts + [t.to_html() for _, t in sec.tables])
 
 
 # --------------------------------------------------------------------------- the step
@@ -552,13 +565,15 @@ def _digest(files: list[Path], options: dict) -> str:
     return h.hexdigest()
 
 
-def report(aggregate_dir: Path, out: Path, force: bool = False, n_resamples: int = 10_000) -> dict[str, Any]:
+def report(aggregate_dir: Path, out: Path, force: bool = False, n_resamples: int = 10_000,
+           rank_resamples: int = 1000) -> dict[str, Any]:
     """Render the report of one aggregate folder into `out`; returns report.json's content."""
     from deconver import __version__
 
     agg = load_aggregate(aggregate_dir)
     out = Path(out)
-    digest = _digest(agg.files, dict(version=__version__, output=OUTPUT_VERSION, n_resamples=n_resamples))
+    digest = _digest(agg.files, dict(version=__version__, output=OUTPUT_VERSION, n_resamples=n_resamples,
+                                     rank_resamples=rank_resamples))
     manifest_path = out / "report.json"
     if not force and manifest_path.is_file() and (out / "report.html").is_file():
         try:
@@ -595,13 +610,21 @@ def report(aggregate_dir: Path, out: Path, force: bool = False, n_resamples: int
         for metric, t in tables:
             written += t.write(sdir, f"{name}_{metric}").values()
 
+    from deconver.report import ranking_section
+
+    ranking, ranking_files = ranking_section.build(
+        agg.per_case, agg.meta["datasets"], {d: agg.primary_region(d) for d in agg.meta["datasets"]}, out,
+        n_boot=rank_resamples, seed=int(agg.meta.get("seed", 0) or 0),
+        describe=lambda ds: f"{synthetic_text(ds)}Per-case values after the empty-mask rule '{ds.get('rule')}'. ")
+    written += ranking_files
+
     figs = make_figures(agg, out / "figures")
     for fl in figs.values():
         for f in fl:
             written += [f.png, f.svg]
 
     rel = sorted(str(p.relative_to(out)) for p in written)
-    page = render_html(agg, ds_tables, repro, ranks, st["tables"], figs, rel)
+    page = render_html(agg, ds_tables, repro, ranks, st["tables"], figs, rel, ranking)
     manifest = dict(study=agg.meta.get("study"), aggregate=str(agg.directory), inputs_digest=digest,
                     files=rel + ["report.html"], generated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     n_too_few=int((~st["wilcoxon"]["n"].ge(S.MIN_PAIRED_CASES)).sum()) if len(st["wilcoxon"]) else 0)
@@ -615,7 +638,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", type=Path, help="the study's results folder <results_dir>/<study> (reads its aggregate/)")
     parser.add_argument("--aggregate", type=Path, help="the aggregate folder itself (default: <results>/aggregate)")
     parser.add_argument("--out", type=Path, help="report folder (default: <reports_dir>/<study>)")
-    parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of the CIs (default 10000)")
+    parser.add_argument("--rank-resamples", type=int, default=1000,
+                        help="bootstrap resamples of the ranking analysis (default 1000; docs/report.md)")
     parser.add_argument("--force", action="store_true", help="re-render even if the aggregate is unchanged")
 
 
@@ -641,7 +666,8 @@ def run(args: argparse.Namespace) -> int:
             if out is None:
                 print("deconver report: --out DIR is needed without --config", file=sys.stderr)
                 return 2
-        manifest = report(agg_dir, out, force=args.force, n_resamples=args.resamples)
+        manifest = report(agg_dir, out, force=args.force, n_resamples=args.resamples,
+                          rank_resamples=args.rank_resamples)
     except (ReportError, ConfigError) as err:
         print(f"deconver report: {err}", file=sys.stderr)
         return 1
