@@ -66,6 +66,15 @@ def test_bootstrap_means_equal_explicit_resampling_with_missing_values():
         np.testing.assert_array_equal(boot.ranks[b], R.rank_scores(means, higher_better=False))
 
 
+def test_case_matrix_pairs_cases_across_models_by_fold_and_case():
+    d = pd.DataFrame(dict(dataset="d", model=["a", "b", "a", "b", "a"], fold=[0, 0, 1, 1, 1], case=["x", "x", "y", "y", "z"],
+                          region="r", metric="dice", value=[0.5, 0.6, np.nan, 0.7, 0.9]))
+    x = R.case_matrix(d, "d", "dice", "r")
+    assert x.index.tolist() == [(0, "x"), (1, "y"), (1, "z")]  # observed pairs only, not every fold × case
+    assert x.loc[(1, "z"), "a"] == 0.9 and np.isnan(x.loc[(1, "z"), "b"]) and np.isnan(x.loc[(1, "y"), "a"])
+    assert R.dataset_cases(d, "d").tolist() == x.index.tolist()
+
+
 def test_lower_is_better_for_hd95_and_missing_ranks_last():
     x = pd.DataFrame({"a": [1.0, 2.0], "b": [5.0, 6.0], "c": [np.nan, np.nan]})
     assert R.aggregate_then_rank(x, "hd95")["rank"].tolist() == [1.0, 2.0, 3.0]
@@ -138,27 +147,30 @@ def test_rule_change_that_flips_a_rank_is_flagged():
     meta = {"d": dict(rule="penalize", penalty=50.0)}
     own = pd.concat([with_rule(g, "penalize", 50.0) for _, g in raw.groupby("model")], ignore_index=True)
     variants = R.rule_variants(own, meta)
-    assert list(variants) == ["rule=penalize", "rule=exclude"]
-    assert variants["rule=exclude"]["value"].isna().sum() == 5  # the misses are excluded, kept as NaN
+    assert list(variants) == ["penalize", "exclude"]
+    assert variants["exclude"]["value"].isna().sum() == 5  # the misses are excluded, kept as NaN
     ranks = R.convention_ranks(variants, "d", "hd95", "r")
     assert ranks.loc["a"].tolist()[:2] == [2.0, 1.0] and ranks.loc["b"].tolist()[:2] == [1.0, 2.0]
     assert ranks["changed"].to_dict() == {"a": True, "b": True, "c": False}
     # Dice is not touched by the rule here (no Dice rows): a variant set with one label flags nothing
-    one = R.convention_ranks({"rule=penalize": variants["rule=penalize"]}, "d", "hd95", "r")
+    one = R.convention_ranks({"penalize": variants["penalize"]}, "d", "hd95", "r")
     assert not one["changed"].any()
 
 
-def test_metric_conventions_are_crossed_with_rules_when_the_column_exists():
+def test_metric_conventions_join_the_rule_variants():
     per_case = clear_winner(n=10)
-    per_case = pd.concat([per_case.assign(convention="suite"),
-                          per_case.assign(convention="authors", value=np.where(per_case["model"] == "e", 1.0, per_case["value"]))])
     per_case = per_case.assign(raw_value=per_case["value"], status="measured", gt_empty=False, pred_empty=False)
-    variants = R.convention_variants(per_case, {"d": dict(rule="penalize", penalty="diagonal")})
-    assert set(variants) == {f"rule={r}, convention={c}" for r in ("penalize", "exclude") for c in ("authors", "suite")}
+    # conventions_per_case.csv: the suite's rows again plus an 'authors' convention in which e is best
+    authors = per_case.assign(convention="authors", value=np.where(per_case["model"] == "e", 1.0, per_case["value"]))
+    conventions = pd.concat([per_case.assign(convention="suite"), authors], ignore_index=True)
+    variants = R.convention_variants(per_case, {"d": dict(rule="penalize", penalty="diagonal")}, conventions)
+    assert list(variants) == ["suite, penalize", "suite, exclude", "authors"]
     ranks = R.convention_ranks(variants, "d", "dice", "r")
-    assert ranks.loc["e", "rule=penalize, convention=authors"] == 1.0
-    assert ranks.loc["e", "rule=penalize, convention=suite"] == 4.0
+    assert ranks["suite, penalize"].to_dict() == ranks["suite, exclude"].to_dict() == {"a": 1, "b": 2, "c": 3, "e": 4}
+    assert ranks["authors"].to_dict() == {"a": 2, "b": 3, "c": 4, "e": 1}
     assert ranks["changed"].all()  # e jumps to first, everyone else moves down one
+    # without a conventions table: the rules only
+    assert list(R.convention_variants(per_case, {"d": dict(rule="penalize")})) == ["suite, penalize", "suite, exclude"]
 
 
 def test_rank_then_aggregate_differs_from_aggregate_then_rank_when_one_case_is_catastrophic():
@@ -219,7 +231,7 @@ def test_section_writes_every_table_in_three_formats_and_every_figure(tmp_path):
     assert boot["model"].tolist() == ["a", "b", "c", "e"] and boot["rank_full"].tolist() == [1, 2, 3, 4]
     conv = pd.read_csv(tmp_path / "ranking" / "d_dice_conventions.csv")
     assert list(conv.columns) == ["model", "v0", "v1", "changed"] and conv["changed"].eq("no").all()
-    assert "rule=penalize" in sec.tables[3][1].to_markdown() and "No rank changes" in sec.tables[3][1].caption
+    assert "suite, penalize" in sec.tables[3][1].to_markdown() and "No rank changes" in sec.tables[3][1].caption
     assert [f.stem for f in sec.figures] == [f"ranking_{k}_d" for k in ("blob", "methods", "significance", "conventions")]
     for f in sec.figures:
         assert f.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.svg.read_text().lstrip().startswith("<?xml")

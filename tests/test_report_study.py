@@ -342,7 +342,7 @@ def test_ranking_section_files_and_values(study):
     assert list(conv.columns) == ["v0", "v1", "changed"] and (conv["v0"] == conv["v1"]).all()
     assert conv.loc["unet", "v0"] == 3 and conv["changed"].eq("no").all()
     text = (rk / "isles_hd95_conventions.md").read_text()
-    assert "rule=penalize" in text and "rule=exclude" in text and "No rank changes" in text
+    assert "suite, penalize" in text and "suite, exclude" in text and "No rank changes" in text
     stability = pd.read_csv(rk / "stability.csv")
     assert set(stability["dataset"]) == {"isles", "brats", "tiny"} and (stability["n_boot"] == 1000).all()
     assert set(stability.loc[stability["dataset"] == "brats", "region"]) == {"ET", "TC", "WT", "mean"}

@@ -47,7 +47,8 @@ def case_matrix(per_case: pd.DataFrame, dataset: str, metric: str, region: str,
     regions of a dataset share one bootstrap draw). Non-finite values count as missing.
     """
     d = per_case[(per_case["dataset"] == dataset) & (per_case["metric"] == metric) & (per_case["region"] == region)]
-    wide = d.pivot_table(index=CASE_KEYS, columns="model", values="value", aggfunc="first", dropna=False)
+    # the (fold, case) pairs that occur (a pivot table would add every fold × case combination)
+    wide = d.groupby(CASE_KEYS + ["model"], sort=True)["value"].first().unstack("model")
     if models is None:
         models = sorted(wide.columns)
     wide = wide.reindex(columns=list(models))
@@ -246,9 +247,13 @@ def study_bootstrap(per_case: pd.DataFrame, metrics=("dice", "hd95"), regions: d
 
 
 # --------------------------------------------------------------------------- conventions
-def rule_variants(per_case: pd.DataFrame, datasets: dict[str, dict], rules=("penalize", "exclude")) -> dict[str, pd.DataFrame]:
+RULES = ("penalize", "exclude")
+SUITE = "suite"
+
+
+def rule_variants(per_case: pd.DataFrame, datasets: dict[str, dict], rules=RULES) -> dict[str, pd.DataFrame]:
     """The per-case table re-ruled under each empty-mask rule from its raw values (`with_rule`, the one
-    implementation), `mean` regions rebuilt; label → table. A dataset's own rule gives its table as is.
+    implementation), `mean` regions rebuilt; rule → table. A dataset's own rule gives its table as is.
 
     `datasets`: aggregate.json's per-dataset entries (rule, penalty). A rule that cannot be applied (a
     diagonal penalty without the `diagonal` column) raises ValueError naming it.
@@ -269,19 +274,21 @@ def rule_variants(per_case: pd.DataFrame, datasets: dict[str, dict], rules=("pen
             except ValueError as err:
                 raise ValueError(f"dataset {name}: cannot apply the empty-mask rule {rule!r}: {err}") from None
             parts.append(add_region_mean(pd.concat(ruled, ignore_index=True)))
-        out[f"rule={rule}"] = pd.concat(parts, ignore_index=True)
+        out[rule] = pd.concat(parts, ignore_index=True)
     return out
 
 
-def convention_variants(per_case: pd.DataFrame, datasets: dict[str, dict], column: str = "convention",
-                        rules=("penalize", "exclude")) -> dict[str, pd.DataFrame]:
-    """Every variant of the data the study holds: each empty-mask rule, crossed with each metric
-    convention when the table has a `column` of convention names (suite, authors, challenge, …)."""
-    variants = rule_variants(per_case, datasets, rules)
-    if column not in per_case.columns or per_case[column].nunique() < 2:
-        return variants
-    return {f"{label}, {column}={c}": d[d[column] == c] for label, d in variants.items()
-            for c in sorted(d[column].dropna().unique())}
+def convention_variants(per_case: pd.DataFrame, datasets: dict[str, dict], conventions: pd.DataFrame | None = None,
+                        rules=RULES) -> dict[str, pd.DataFrame]:
+    """Every variant of the data the study holds, label → per-case table: the suite's rows (`per_case`)
+    under each empty-mask rule ("suite, penalize", "suite, exclude"), and each other metric convention
+    of `conventions` (aggregate's conventions_per_case.csv: a `convention` column, each convention
+    already under its own rule) by its name ("authors", "challenge")."""
+    variants = {f"{SUITE}, {rule}": d for rule, d in rule_variants(per_case, datasets, rules).items()}
+    if conventions is not None and "convention" in conventions.columns:
+        for name in sorted(set(conventions["convention"].dropna().astype(str)) - {SUITE}):
+            variants[name] = conventions[conventions["convention"].astype(str) == name]
+    return variants
 
 
 def convention_ranks(variants: dict[str, pd.DataFrame], dataset: str, metric: str, region: str) -> pd.DataFrame:

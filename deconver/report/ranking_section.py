@@ -45,21 +45,32 @@ def _csv(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def read_conventions(aggregate_dir: Path) -> pd.DataFrame | None:
+    """aggregate's conventions_per_case.csv (every metric convention under its own rule), if written."""
+    from deconver.report.conventions import OUTPUTS
+
+    path = Path(aggregate_dir) / OUTPUTS[0]
+    if not path.is_file():
+        return None
+    return pd.read_csv(path, dtype={"case": str, "region": str, "metric": str, "model": str, "dataset": str,
+                                    "convention": str})
+
+
 def analyse(per_case: pd.DataFrame, datasets: dict[str, dict], n_boot: int = R.N_BOOTSTRAP, seed: int = 0,
-            alpha: float = R.ALPHA) -> dict[str, Any]:
+            alpha: float = R.ALPHA, conventions: pd.DataFrame | None = None) -> dict[str, Any]:
     """Every ranking result of every dataset × metric × region, as objects and long frames."""
     boots = R.study_bootstrap(per_case, METRICS, n_boot=n_boot, seed=seed)
     try:
-        variants, variant_error = R.convention_variants(per_case, datasets), None
+        variants, variant_error = R.convention_variants(per_case, datasets, conventions), None
     except (ValueError, KeyError) as err:  # e.g. an aggregate written before `diagonal` was kept
         variants, variant_error = {"as aggregated": per_case}, str(err)
-    methods, tests, conventions = {}, {}, {}
+    ranked, tests, conv_ranks = {}, {}, {}
     for key in boots:
         dataset, metric, region = key
         x = R.case_matrix(per_case, dataset, metric, region)
         tests[key] = R.pairwise_tests(x, metric, alpha)
-        methods[key] = R.ranking_methods(x, metric, tests[key])
-        conventions[key] = R.convention_ranks(variants, dataset, metric, region)
+        ranked[key] = R.ranking_methods(x, metric, tests[key])
+        conv_ranks[key] = R.convention_ranks(variants, dataset, metric, region)
 
     def stack(frames: dict, reset: bool = True) -> pd.DataFrame:
         parts = [(f.reset_index() if reset else f).assign(dataset=d, metric=m, region=r) for (d, m, r), f in frames.items()]
@@ -69,24 +80,30 @@ def analyse(per_case: pd.DataFrame, datasets: dict[str, dict], n_boot: int = R.N
         return out[["dataset", "metric", "region"] + [c for c in out.columns if c not in ("dataset", "metric", "region")]]
 
     stability = pd.DataFrame([dict(dataset=d, metric=m, region=r, **b.tau_stats()) for (d, m, r), b in boots.items()])
-    return dict(boots=boots, tests=tests, methods=methods, conventions=conventions, variants=list(variants),
+    rules = {}  # dataset → {other convention: its empty-mask rule(s)}, for the captions
+    if conventions is not None and {"convention", "rule"} <= set(conventions.columns):
+        for (d, c), g in conventions.groupby(["dataset", "convention"]):
+            rules.setdefault(d, {})[c] = "/".join(sorted(g["rule"].dropna().astype(str).unique()))
+    return dict(boots=boots, tests=tests, methods=ranked, conventions=conv_ranks, variants=list(variants),
+                variant_rules=rules,
                 variant_error=variant_error, n_boot=n_boot, seed=seed, alpha=alpha,
                 frames=dict(bootstrap=stack({k: b.summary() for k, b in boots.items()}), stability=stability,
-                            methods=stack(methods), pairwise=stack(tests, reset=False), conventions=stack(conventions)))
+                            methods=stack(ranked), pairwise=stack(tests, reset=False), conventions=stack(conv_ranks)))
 
 
 def build(per_case: pd.DataFrame, datasets: dict[str, dict], primary: dict[str, str], out: Path,
           n_boot: int = R.N_BOOTSTRAP, seed: int = 0, describe: Callable[[dict], str] = lambda ds: "",
-          alpha: float = R.ALPHA) -> tuple[dict[str, Section], list[Path]]:
+          alpha: float = R.ALPHA, conventions: pd.DataFrame | None = None) -> tuple[dict[str, Section], list[Path]]:
     """Compute, write and caption the section for every dataset; returns the sections and the files.
 
     `primary`: dataset → the region shown in tables and figures (the CSVs hold every region);
-    `describe(ds)`: the caption prefix of a dataset (e.g. a synthetic-data warning and its rule).
+    `describe(ds)`: the caption prefix of a dataset (e.g. a synthetic-data warning and its rule);
+    `conventions`: the other metric conventions' per-case rows (`read_conventions`), if any.
     """
     from deconver.report import figures as F
 
     out = Path(out)
-    res = analyse(per_case, datasets, n_boot, seed, alpha)
+    res = analyse(per_case, datasets, n_boot, seed, alpha, conventions)
     written = [_csv(f, out / TABLE_DIR / f"{name}.csv") for name, f in res["frames"].items() if len(f)]
     sections = {}
     for dataset, ds in datasets.items():
@@ -117,7 +134,8 @@ def build(per_case: pd.DataFrame, datasets: dict[str, dict], primary: dict[str, 
                                                                     pre)),
                 (f"{dataset}_{metric}_methods", _methods_table(where, metric, methods, res, pre)),
                 (f"{dataset}_{metric}_significance", _significance_table(where, metric, tests, methods.index.tolist(), res, pre)),
-                (f"{dataset}_{metric}_conventions", _conventions_table(where, metric, ranks, variant_cols, res, pre)),
+                (f"{dataset}_{metric}_conventions", _conventions_table(where, metric, ranks, variant_cols, res, pre,
+                                                                        _variant_note(res, dataset))),
             ]
         sec.summary = f"Ranking stability over {n_boot} bootstrap resamples of the {n_cases} cases: " + "; ".join(taus) + "."
         fig_dir = out / "figures"
@@ -143,7 +161,7 @@ def build(per_case: pd.DataFrame, datasets: dict[str, dict], primary: dict[str, 
             F.rank_lines(conv, fig_dir, f"ranking_conventions_{dataset}", f"{dataset}: convention sensitivity", pre + (
                 f"Aggregate-then-rank (mean) rank of each model on {dataset} (region '{region}') under every variant "
                 f"of the data: {', '.join(res['variants'])}. Models whose rank changes are solid and starred (*)."
-                + _variant_note(res))),
+                + _variant_note(res, dataset))),
         ) if f is not None]
         sections[dataset] = sec
         for stem, table in sec.tables:
@@ -157,11 +175,17 @@ def _tag(kind: str, where: str, metric: str) -> str:
     return f"tab:rank-{kind}-{where.split(',')[0]}-{metric}"
 
 
-def _variant_note(res: dict) -> str:
+def _variant_note(res: dict, dataset: str) -> str:
     if res["variant_error"]:
         return f" Other empty-mask rules could not be applied: {res['variant_error']}."
-    return (" 'penalize': a case-region with exactly one empty mask gets Dice 0 and HD95 = the penalty; 'exclude': "
-            "its HD95 is left out (Dice is the same under both rules).")
+    text = (" 'suite, penalize' / 'suite, exclude': the suite's metric convention under each empty-mask rule "
+            "(penalize: a case-region with exactly one empty mask gets Dice 0 and HD95 = the penalty; exclude: its "
+            "HD95 is left out; Dice is the same under both).")
+    others = {c: r for c, r in res["variant_rules"].get(dataset, {}).items() if c != R.SUITE}
+    if others:
+        text += (" Other metric conventions (docs/metrics.md), each under its own rule: "
+                 + ", ".join(f"'{c}' ({r})" for c, r in sorted(others.items())) + ".")
+    return text
 
 
 def _bootstrap_table(where, metric, summ, methods, tau_txt, n_cases, res, pre) -> Table:
@@ -208,13 +232,13 @@ def _significance_table(where, metric, tests, order, res, pre) -> Table:
     return Table(name=f"Pairwise tests: {where}", caption=cap, label=_tag("sig", where, metric), columns=cols, rows=rows)
 
 
-def _conventions_table(where, metric, ranks, variant_cols, res, pre) -> Table:
+def _conventions_table(where, metric, ranks, variant_cols, res, pre, note) -> Table:
     cols = [Column(f"v{i}", c, decimals=0) for i, c in enumerate(variant_cols)] + [Column("changed", "Rank changes", text=True)]
     rows = [(m, {**{f"v{i}": r[c] for i, c in enumerate(variant_cols)}, "changed": "yes *" if r["changed"] else "no"})
             for m, r in ranks.iterrows()]
     moved = [m for m, r in ranks.iterrows() if r["changed"]]
     cap = (f"{pre}Convention sensitivity, {where}: aggregate-then-rank (mean) rank under every variant of the data "
            f"({', '.join(variant_cols)}). " + (f"Rank changes: {', '.join(moved)}." if moved else "No rank changes.")
-           + _variant_note(res))
+           + note)
     return Table(name=f"Convention sensitivity: {where}", caption=cap,
                  label=_tag("conv", where, metric), columns=cols, rows=rows)

@@ -73,6 +73,7 @@ class Aggregate:
     complexity: pd.DataFrame | None
     training: pd.DataFrame | None
     files: list[Path] = field(default_factory=list)
+    conventions: pd.DataFrame | None = None
 
     @property
     def reference(self) -> str:
@@ -113,7 +114,13 @@ def load_aggregate(directory: Path) -> Aggregate:
     if (directory / "training.csv").is_file():
         tr = pd.read_csv(directory / "training.csv", dtype={"model": str, "dataset": str})
         files.append(directory / "training.csv")
-    return Aggregate(directory, meta, per_case, summary, cx, tr, files)
+    from deconver.report.conventions import OUTPUTS as CONVENTION_OUTPUTS
+    from deconver.report.ranking_section import read_conventions
+
+    conventions = read_conventions(directory)  # every metric convention's per-case rows, when aggregate wrote them
+    if conventions is not None:
+        files.append(directory / CONVENTION_OUTPUTS[0])
+    return Aggregate(directory, meta, per_case, summary, cx, tr, files, conventions)
 
 
 # --------------------------------------------------------------------------- caption pieces
@@ -614,7 +621,7 @@ def report(aggregate_dir: Path, out: Path, force: bool = False, n_resamples: int
 
     ranking, ranking_files = ranking_section.build(
         agg.per_case, agg.meta["datasets"], {d: agg.primary_region(d) for d in agg.meta["datasets"]}, out,
-        n_boot=rank_resamples, seed=int(agg.meta.get("seed", 0) or 0),
+        n_boot=rank_resamples, seed=int(agg.meta.get("seed", 0) or 0), conventions=agg.conventions,
         describe=lambda ds: f"{synthetic_text(ds)}Per-case values after the empty-mask rule '{ds.get('rule')}'. ")
     written += ranking_files
 
