@@ -1,7 +1,8 @@
 """The workflow never answers from stale work (issue 21), end to end on real MSD Hippocampus cases:
 
 * SIGINT to the Snakemake process alone mid-run, then the same command: the jobs it left incomplete
-  are redone (profiles/default sets rerun-incomplete), it does not stop with IncompleteFilesException;
+  are redone (profiles/default sets rerun-incomplete), it does not stop with IncompleteFilesException,
+  and with the data unchanged a dry run then has nothing to do (the inventory is stable);
 * the dataset grows from 10 to 16 cases: `snakemake -n` lists exactly the changed dataset's prepare,
   split, train, predict and evaluate (and aggregate, report) with the inventory as the reason, the rerun
   retrains that run from scratch on the new fold (no validation case seen in training, from the run's
@@ -75,6 +76,7 @@ def grown(tmp_path_factory):
              "steady": steady}
     if resumed.returncode != 0:
         return state
+    state["settled"] = run_snakemake(*args, "-n", timeout=300).stdout  # unchanged data: nothing to redo
     state["old_record"] = json.loads((run / "run.json").read_text())
     state["steady_mtime"] = (steady / "final.ckpt").stat().st_mtime_ns
     # 3. the dataset grows; dry run, then the rerun
@@ -90,6 +92,7 @@ def test_sigint_to_snakemake_alone_then_rerun_completes(grown):
     assert grown["resumed"].returncode == 0, out[-4000:]
     assert "IncompleteFilesException" not in out
     assert (grown["work"] / "reports" / "grow" / "report.html").is_file()
+    assert "Nothing to be done" in grown["settled"], grown["settled"][-3000:]
 
 
 def test_dry_run_lists_exactly_the_jobs_of_the_changed_dataset_and_why(grown):
