@@ -173,6 +173,11 @@ class DeconverBlock(nn.Module):
         self.checkpointing = False
 
     def _forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() or torch.jit.is_tracing():
+            # nothing is kept for backward: the plain modules, in the order FLOP counters expect them
+            # (norm1 outside the mixer, whose layers the paper-convention counter charges as a whole)
+            x = x + self.mixer(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
         # the same computation as x + mixer(norm1(x)); x + mlp(norm2(x)), with the normalised inputs and
         # the GELU output recomputed in backward instead of stored (see _RecomputedLinear)
         x = x + self.mixer(x, self.norm1)
