@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", nargs="?", const="*", default="", metavar="MODELS",
                         help="profile one more step of every run (top operators); optionally only these "
                         "comma-separated models")
+    parser.add_argument("--no-memory", action="store_true", help="CPU: skip the second (memory) process of "
+                        "every run; peak memory is then the timing process's RSS growth, allocator cache included")
     parser.add_argument("--in-process", action="store_true",
                         help="GPU only: every run in this process, one after the other (CUDA's peak counters "
                         "are reset per run and the cache emptied between runs), saving a process start per run")
@@ -271,7 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     from ndc import MALLOC_ENV  # benchmarks/ndc.py, beside this file
 
     from deconver import registry
-    from deconver.io import provenance, write_json_atomic
 
     models = args.models.split(",") if args.models else registry.list_models()
     pairs, results = plan(models, args.presets.split(","))
@@ -289,23 +290,32 @@ def main(argv: list[str] | None = None) -> int:
                                                    profile, "time", args.threads)})
             continue
         timed = _run_child(cmd + (["--profile"] if profile else []), dict(os.environ), args.timeout)
-        if timed.get("status") == "ok" and device == "cpu":  # exact peak: a second process (see MALLOC_ENV)
+        if timed.get("status") == "ok" and device == "cpu" and not args.no_memory:  # exact peak: see MALLOC_ENV
             mem = _run_child(cmd + ["--child-mode", "memory"], dict(os.environ, **MALLOC_ENV), args.timeout)
             timed["peak_memory_timing_process_mb"] = timed["peak_memory_mb"]
             timed["peak_memory_mb"] = mem.get("peak_memory_mb")
             if mem.get("status") != "ok":
                 timed["memory_error"] = mem.get("reason", mem.get("status"))
         results.append({**what, **timed})
-    add_ratios(results, args.reference)
-    report = {"benchmark": "train_step", "device": device, "batch_size": batch, "steps": args.steps, "threads": args.threads,
-              "precisions": precisions, "reference": args.reference,
-              "load_average": {"before": load_before, "after": os.getloadavg()},
-              "provenance": provenance(device), "results": results}
-    write_json_atomic(args.out, report)
+        report = write_report(args, device, batch, precisions, load_before, results)  # after every run
+    report = write_report(args, device, batch, precisions, load_before, results)
     print(format_table(results, args.reference))
     print(f"load average (1, 5, 15 min) before {load_before}, after {report['load_average']['after']}", file=sys.stderr)
     print(f"written: {args.out}", file=sys.stderr)
     return 0
+
+
+def write_report(args, device: str, batch: str, precisions: list[str], load_before, results: list[dict]) -> dict:
+    """The JSON result with the ratios so far (written after every run: an interrupted benchmark keeps them)."""
+    from deconver.io import provenance, write_json_atomic
+
+    add_ratios(results, args.reference)
+    report = {"benchmark": "train_step", "device": device, "batch_size": batch, "steps": args.steps,
+              "threads": args.threads, "precisions": precisions, "reference": args.reference,
+              "load_average": {"before": load_before, "after": os.getloadavg()},
+              "provenance": provenance(device), "results": results}
+    write_json_atomic(args.out, report)
+    return report
 
 
 def _fmt(value, spec: str) -> str:
