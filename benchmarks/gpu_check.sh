@@ -15,6 +15,7 @@
 #   GPU_CHECK_BUDGET=470                      seconds for the whole script; each part gets its share
 #   GPU_CHECK_TINY=1                          CPU rehearsal: tiny sizes, no GPU needed (docs/engine.md)
 set -u
+if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; fi
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu_check}
 mkdir -p "$OUT"
