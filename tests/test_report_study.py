@@ -583,3 +583,17 @@ def test_real_evaluate_output_aggregates_and_reports(tmp_path):
     assert "| unet |" in text and "0/0/0" in text and "1/0/0" in text and "374 mm" in text
     assert "FLOPs/vox (K), ours" in text and "| 1.8 |" in text.replace("**", "")
     assert "report.html" in manifest["files"]
+    # the metric conventions, from the same label maps: suite and challenge here (no prepared-grid masks by hand)
+    conv = pd.read_csv(tmp_path / "report" / "tables" / "conventions.csv").set_index("dataset / model")
+    summ = pd.read_csv(results / "aggregate" / "conventions_summary.csv")
+    assert set(summ["convention"]) == {"suite", "challenge"}
+    for conv_name in ("suite", "challenge"):
+        row = summ[(summ.convention == conv_name) & (summ.model == "unet") & (summ.region == "mean")
+                   & (summ.metric == "hd95")]
+        assert conv.loc["brats23 / unet", f"hd95_{conv_name}"] == pytest.approx(row["mean"].item())
+    md = (tmp_path / "report" / "tables" / "conventions.md").read_text()
+    assert "dice % (suite)" in md and "hd95 (challenge)" in md and "brats23 lw hd95 (challenge)" in md
+    repro = pd.read_csv(tmp_path / "report" / "tables" / "reproduction.csv")
+    assert {"dice_authors", "hd95_authors", "dice_suite", "hd95_suite"} <= set(repro.columns)
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "Metric conventions" in html

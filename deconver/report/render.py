@@ -33,6 +33,8 @@ import pandas as pd
 from deconver.io import write_json_atomic, write_text_atomic
 from deconver.report import learning
 from deconver.report import stats as S
+from deconver.report.convention_tables import (REPRODUCTION_COLUMNS, conventions_table, load_conventions,
+                                               protocol_links, reproduction_columns)
 from deconver.report.tables import Column, Table
 
 #: The paper's reported Deconver numbers (PAPER.md §3), by preset name.
@@ -103,7 +105,7 @@ def load_aggregate(directory: Path) -> Aggregate:
         raise ReportError(f"{need[0]}: not valid JSON: {err}") from None
     per_case = pd.read_csv(need[1], dtype={"case": str, "region": str, "metric": str, "model": str, "dataset": str})
     summary = pd.read_csv(need[2], dtype={"region": str, "metric": str, "model": str, "dataset": str})
-    files = list(need)
+    files = list(need) + [p for p in (directory / "conventions_summary.csv",) if p.is_file()]
     cx = tr = None
     if meta.get("complexity"):
         p = directory / "complexity.csv"
@@ -312,6 +314,7 @@ def reproduction_table(agg: Aggregate) -> Table | None:
             if len(c):
                 row.update(params_ours=_f(c["params_m"].iloc[0]), flops_paper_conv=_f(c["paper_flops_per_voxel_k"].iloc[0]),
                            flops_ours=_f(c["flops_per_voxel_k"].iloc[0]))
+        row.update(reproduction_columns(load_conventions(agg.directory), name, ref, primary))
         rows.append((name, row))
         if ds.get("synthetic"):
             synth.append(name)
@@ -322,7 +325,7 @@ def reproduction_table(agg: Aggregate) -> Table | None:
             Column("dice_excl", "Dice % ours, exclude rule", decimals=2),
             Column("hd_paper", "HD95 paper", decimals=2), Column("hd_ours", "HD95 ours", decimals=2),
             Column("hd_unit", "HD95 unit (ours)", text=True),
-            Column("params_paper", "Params (M) paper", decimals=1)]
+            Column("params_paper", "Params (M) paper", decimals=1), *REPRODUCTION_COLUMNS]
     if agg.complexity is not None:
         cols += [Column("params_ours", "Params (M) ours", decimals=2),
                  Column("flops_paper", "FLOPs/px (K) paper", decimals=1),
@@ -334,7 +337,9 @@ def reproduction_table(agg: Aggregate) -> Table | None:
            "'ours' uses each dataset's empty-mask rule; 'exclude rule' drops one-side-empty cases as the authors' MONAI "
            "code did. The paper's HD95 is in voxels of the resampled grid for 3D (MONAI without spacing; "
            + ", ".join(f"{k}: {v}" for k, v in PAPER_HD95_UNIT.items()) + ") and pixels for 2D. "
-           "BraTS Dice/HD95 are means over ET, TC, WT. " + FLOPS_SENTENCE)
+           "BraTS Dice/HD95 are means over ET, TC, WT. 'authors conv.' scores the same predictions as the authors' "
+           "evaluator did (prepared grid, HD95 in voxels, cases with an empty side dropped): the columns to set "
+           "beside the paper; 'suite conv.' is the suite's own (docs/metrics.md, 'Conventions'). " + FLOPS_SENTENCE)
     if synth:
         cap += f" Datasets {', '.join(synth)} are synthetic stand-ins: their numbers are not comparable with the paper."
     return Table(name="Table: reproduction", caption=cap, label="tab:reproduction", columns=cols, rows=rows,
@@ -494,7 +499,8 @@ def _img_tag(fig) -> str:
 
 def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None, ranks: Table | None,
                 stats_tables: dict[str, list[tuple[str, Table]]], figs: dict[str, list], files: list[str],
-                ranking: dict | None = None) -> str:
+                ranking: dict | None = None, conventions: Table | None = None,
+                protocols: list[tuple[str, str]] = ()) -> str:
     """The whole report as one HTML page (PNG figures embedded as base64, so the file stands alone)."""
     meta = agg.meta
     study = meta.get("study", "study")
@@ -524,6 +530,8 @@ def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None
         nav.append(f"<li><a href='#ds-{html.escape(d)}'>{html.escape(_ds_title(d, m))}</a>"
                    + (f" (<a href='#ranking-{html.escape(d)}'>is the ranking real?</a>)" if ranking and d in ranking else "")
                    + "</li>")
+    if conventions is not None:
+        nav.append("<li><a href='#conventions'>Metric conventions</a></li>")
     if ranks is not None:
         nav.append("<li><a href='#ranks'>Ranks across datasets</a></li>")
     nav.append("<li><a href='#files'>Files</a></li></ul></nav>")
@@ -547,6 +555,13 @@ def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None
         if ranking and d in ranking:
             parts.append(_ranking_html(ranking[d]))
         parts.append("</section>")
+    if conventions is not None:
+        parts += ["<section id='conventions'><h2>Metric conventions</h2>", conventions.to_html(), "</section>"]
+    if protocols:
+        parts.append("<section id='protocols'><h2>Protocols</h2><p>The resolved recipe of each dataset "
+                     "(<code>deconver protocol</code>; docs/protocol.md compares it with the authors' bundles):</p><ul>")
+        parts += [f"<li>{html.escape(d)}: <a href='{html.escape(link)}'>{html.escape(link)}</a></li>" for d, link in protocols]
+        parts.append("</ul></section>")
     if ranks is not None:
         parts += ["<section id='ranks'><h2>Ranks across datasets</h2>", ranks.to_html(), "</section>"]
     parts.append("<section id='files'><h2>Files</h2><p>Tables as Markdown, LaTeX (booktabs) and CSV; figures as PNG "
@@ -601,6 +616,12 @@ def report(aggregate_dir: Path, out: Path, force: bool = False, n_resamples: int
     repro = reproduction_table(agg)
     if repro is not None:
         written += repro.write(out / "tables", "reproduction").values()
+    conv_summary = load_conventions(agg.directory)
+    conventions = None if conv_summary is None else conventions_table(
+        conv_summary, agg.meta["datasets"], {d: agg.primary_region(d) for d in agg.meta["datasets"]})
+    if conventions is not None:
+        written += conventions.write(out / "tables", "conventions").values()
+    protocols = protocol_links(agg.meta.get("results", ""), agg.meta["datasets"], agg.reference, out)
     ranks, ranks_df = rank_tables(agg)
     if ranks is not None:
         written += ranks.write(out / "tables", "ranks").values()
@@ -631,7 +652,7 @@ def report(aggregate_dir: Path, out: Path, force: bool = False, n_resamples: int
             written += [f.png, f.svg]
 
     rel = sorted(str(p.relative_to(out)) for p in written)
-    page = render_html(agg, ds_tables, repro, ranks, st["tables"], figs, rel, ranking)
+    page = render_html(agg, ds_tables, repro, ranks, st["tables"], figs, rel, ranking, conventions, protocols)
     manifest = dict(study=agg.meta.get("study"), aggregate=str(agg.directory), inputs_digest=digest,
                     files=rel + ["report.html"], generated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     n_too_few=int((~st["wilcoxon"]["n"].ge(S.MIN_PAIRED_CASES)).sum()) if len(st["wilcoxon"]) else 0)
