@@ -109,8 +109,20 @@ def fit_problem(model: str, preset: DatasetPreset, kwargs: dict | None = None, *
 
 
 def pair_problem(study: Study, dataset: str, model: str, registry: Registry | None = None) -> str | None:
-    """Why the study does not run `model` on `dataset` as it configures both, or None when it does."""
-    return fit_problem(model, study.preset(dataset), study.model_kwargs(dataset, model),
+    """Why the study does not run `model` on `dataset` as it configures both, or None when it does.
+
+    The batch checked against the model's ``min_batch`` is the per-device one (the protocol's batch is
+    global, engine/distributed.py); a global batch the processes cannot share is a PlanError.
+    """
+    from deconver.engine.distributed import per_device_batch, world_size
+
+    preset = study.preset(dataset)
+    try:
+        batch = per_device_batch(preset.protocol.batch_size, world_size(study.trainer),
+                                 where=f"datasets.{dataset}: protocol")
+    except ConfigError as err:
+        raise PlanError(str(err)) from None
+    return fit_problem(model, preset, study.model_kwargs(dataset, model), batch_size=batch,
                        registry=registry or load_registry(study.model_dirs))
 
 

@@ -185,13 +185,13 @@ def test_kill_9_then_rerun_gives_bitwise_identical_weights(synthetic, isles_run,
 
 # --------------------------------------------------------------------------- DDP
 def test_ddp_two_cpu_processes_match_one_process(synthetic, tmp_path):
-    """2 processes (gloo) with batch 2 each see the global batches of 1 process with batch 4."""
+    """2 processes (gloo) with the same global batch (4: 2 per process) see the batches of 1 process."""
     one = _study(synthetic, "eng")
     train(one, "brats23", "unet", 0, progress=False)
     ref_run = synthetic / "results" / "eng" / "runs" / "brats23" / "unet" / "fold0"
     two = _clone(synthetic, tmp_path, one)
     two["trainer"] = {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}
-    two["datasets"]["brats23"]["overrides"]["protocol"]["batch_size"] = 2
+    assert two["datasets"]["brats23"]["overrides"]["protocol"]["batch_size"] == 4  # global: unchanged
     cfg = _write(two, tmp_path / "study.yaml")
     proc = subprocess.run(["deconver", "train", "--config", str(cfg), "--dataset", "brats23", "--model", "unet",
                            "--fold", "0", "--no-progress"], env=_env(), capture_output=True, text=True, timeout=600)

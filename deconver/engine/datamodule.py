@@ -4,8 +4,9 @@ Randomness never depends on history: the training sampler yields keys ``(epoch, 
 case order of an epoch comes from ``(seed, epoch)`` and the crop/augmentation of a sample from
 ``(seed, epoch, position)``. A run resumed from a checkpoint therefore sees exactly the samples an
 uninterrupted run sees, whatever the number of data-loader workers, and a run on W processes sees the
-same global batches as a run on one process with a W times larger batch (rank r takes the r-th slice of
-every global batch). Validation cases are dealt to ranks round-robin, no case twice.
+same global batches as a run on one process: ``protocol.batch_size`` is the global batch, and rank r
+takes the r-th slice of ``batch_size / W`` samples of every global batch (engine/distributed.py).
+Validation cases are dealt to ranks round-robin, no case twice.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from monai.transforms import Compose
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deconver.config import Protocol
+from deconver.engine.distributed import per_device_batch
 
 CACHE_BYTES = 4 * 2**30  # keep the cases of a fold in memory when they take less than this
 
@@ -259,11 +261,12 @@ class SegmentationDataModule(L.LightningDataModule):
         self.setup("fit")
         rank, world = self._rank()
         epoch, done = self._resume_position()
-        sampler = EpochSampler(len(self.train_ids), self.protocol.batch_size, self.seed,
+        batch = per_device_batch(self.protocol.batch_size, world)  # the protocol's batch is global
+        sampler = EpochSampler(len(self.train_ids), batch, self.seed,
                                steps=self.protocol.steps_per_epoch, rank=rank, world_size=world,
                                epoch=epoch, skip_batches=done)
         dataset = TrainDataset(self.train_store, self.protocol, self.spatial_dims, self.seed)
-        return self._loader(dataset, batch_size=self.protocol.batch_size, sampler=sampler, drop_last=False)
+        return self._loader(dataset, batch_size=batch, sampler=sampler, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

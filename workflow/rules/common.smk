@@ -16,6 +16,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from deconver.config import ConfigError, deep_merge, load_study
+from deconver.engine.distributed import launcher, slurm_train_request
 from deconver.engine.run import check_model_builds
 from deconver.io import output_problem, write_text_atomic
 from deconver.paths import StudyPaths
@@ -212,11 +213,17 @@ def local_threads(wanted: int) -> int:
 # (and add the GPUs). Sized for the paper's datasets on a GPU node.
 RESOURCES = {
     "prepare": dict(runtime=240, mem_mb=16000),
-    "train": dict(runtime=1440, mem_mb=32000),
+    "train": dict(runtime=1440, mem_mb=64000),  # memory per training process (device)
     "predict": dict(runtime=240, mem_mb=32000),
     "evaluate": dict(runtime=240, mem_mb=16000),
     "complexity": dict(runtime=60, mem_mb=16000),
 }
+# A training job's request follows the study's trainer block (deconver.engine.distributed): one task
+# per device, GPUs per node, nodes and memory per node; nothing to keep in sync in the profile.
+RESOURCES["train"] = {"runtime": RESOURCES["train"]["runtime"],
+                      **slurm_train_request(STUDY.trainer, mem_mb_per_task=RESOURCES["train"]["mem_mb"])}
+# `srun …` before the training command inside a SLURM job of several tasks (one process per device).
+TRAIN_LAUNCHER = launcher(STUDY.trainer)
 
 
 # The `deconver` command run by the interpreter that runs Snakemake (`python -m deconver`), so
@@ -224,9 +231,10 @@ RESOURCES = {
 DECONVER = f"{shlex.quote(sys.executable)} -m deconver"
 
 
-def cli(step: str, *, model: bool = False, fold: bool = False) -> str:
-    """The `deconver <step>` command line of a rule (wildcards are filled in by Snakemake)."""
-    cmd = f"{DECONVER} {step} --config {{params.study}} --dataset {{wildcards.dataset}}"
+def cli(step: str, *, model: bool = False, fold: bool = False, prefix: str = "") -> str:
+    """The `deconver <step>` command line of a rule (wildcards are filled in by Snakemake); `prefix`
+    starts it (a launcher such as `srun`)."""
+    cmd = f"{prefix}{DECONVER} {step} --config {{params.study}} --dataset {{wildcards.dataset}}"
     if model:
         cmd += " --model {wildcards.model}"
     if fold:

@@ -24,7 +24,7 @@ rule train:
     shell:
         # {log} is this attempt (Snakemake empties it before each); {params.attempts} keeps every attempt
         "(echo \"== $(date -Is) train {wildcards.dataset} {wildcards.model} fold {wildcards.fold}\"; "
-        + cli("train", model=True, fold=True)
+        + cli("train", model=True, fold=True, prefix=TRAIN_LAUNCHER)
         + ") 2>&1 | tee -a {params.attempts} > {log}"
 
 
