@@ -137,12 +137,14 @@ def test_dry_run_hippocampus(tmp_path):
 
 def test_dry_run_smoke_and_slurm_profile(tmp_path):
     """The smoke config dry-runs, also through `--profile slurm` from the repository root: the GPU
-    steps ask for a GPU and every compute job has a runtime and memory; local rules stay local."""
+    steps ask for a GPU (training: as its trainer block says) and every compute job has a runtime and
+    memory; local rules stay local."""
     out = run_snakemake("-n", "--profile", "slurm", "--configfile", SMOKE, "--directory", tmp_path,
-                        cwd=REPO_ROOT, timeout=300).stdout
+                        "--config", "trainer={accelerator: auto}", cwd=REPO_ROOT, timeout=300).stdout
     assert re.search(r"Using profiles? slurm", out)  # (and the workflow profile profiles/default)
     train, predict = resources_of(out, "train"), resources_of(out, "predict")
-    assert {"gpu=1", "runtime=1440", "mem_mb=64000"} <= train and "gpu=1" in predict
+    assert {"gpu=1", "runtime=1440", "mem_mb=64000", "tasks_per_gpu=0"} <= train and "gpu=1" in predict
+    assert not any(r.startswith("mpi") for r in train)  # one device: one task, no srun
     assert "gpu=1" in resources_of(out, "complexity")
     assert not any(r.startswith("gpu") for r in resources_of(out, "evaluate") | resources_of(out, "prepare"))
     # locally (no profile) nothing asks for a GPU
