@@ -213,6 +213,10 @@ class DatasetEntry(Strict):
     overrides: dict[str, Any] = Field(default_factory=dict, description="deep-merged into the preset")
     model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="model -> kwargs, this dataset only")
     split: SplitMethod | None = Field(None, description="this dataset's split method (default: the study's `split`)")
+    region_names: dict[str, str] = Field(default_factory=dict, description="rename the preset's regions (keys of its "
+                                         "`labels`) in this study, e.g. {gland: nucleus} for nuclei in the GlaS layout")
+    paper: bool = Field(False, description="this is the paper's dataset: the report sets the paper's reported numbers "
+                        "for its preset beside ours (on in config/paper.yaml; off for other data reusing a preset)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -279,6 +283,14 @@ class Study(Strict):
         else:
             base = load_preset_dict(entry.preset)
         merged = deep_merge(base, entry.overrides)
+        unknown = sorted(set(entry.region_names) - set(merged.get("labels", {})))
+        if unknown:
+            raise ConfigError(f"datasets.{dataset}.region_names: {unknown} not among the preset's regions "
+                              f"{sorted(merged.get('labels', {}))}")
+        renamed = [entry.region_names.get(k, k) for k in merged.get("labels", {})]
+        if len(set(renamed)) != len(renamed):
+            raise ConfigError(f"datasets.{dataset}.region_names: two regions would be called the same ({renamed})")
+        merged["labels"] = dict(zip(renamed, merged.get("labels", {}).values()))
         return _validate(DatasetPreset, merged, where=f"datasets.{dataset}.overrides")
 
     def split_method(self, dataset: str) -> str:

@@ -43,6 +43,15 @@ COLUMNS = ["study", "dataset", "model", "fold", "case", "region", "metric", "val
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".png", ".bmp", ".tif", ".tiff", ".mha", ".nrrd")
 SITK_SUFFIXES = (".mha", ".nrrd")  # 3D label maps read with SimpleITK (nnU-Net datasets, predictions of them)
 CHALLENGE_UNITS = {"isles22_volume_diff_ml": "ml", "brats23_lw_hd95": "mm", "glas_object_hausdorff": "px"}
+AGGREGATION_ONLY = ("empty_rule", "hd95_penalty")  # preset.metrics keys applied when pooling, not here
+
+
+def metric_settings(preset: DatasetPreset) -> dict:
+    """What decides an evaluation's values besides its files (sidecar ``metric_settings``): the HD
+    implementation, the regions and the preset's metric keys except the aggregation-only ones. The report
+    flags a dataset whose runs differ in it."""
+    rules = preset.metrics.model_dump(mode="json")
+    return {"hd_impl": HD_IMPL, "labels": preset.labels, **{k: v for k, v in rules.items() if k not in AGGREGATION_ONLY}}
 
 
 class EvaluationError(ValueError):
@@ -292,6 +301,7 @@ def write_evaluation(cases: Sequence[CaseInput], preset: DatasetPreset, out: Pat
         "nsd_tolerance": preset.metrics.nsd_tolerance,
         "challenge": preset.metrics.challenge,
         "aggregation_defaults": {"empty_rule": preset.metrics.empty_rule, "hd95_penalty": preset.metrics.hd95_penalty},
+        "metric_settings": metric_settings(preset),
         "raw_conventions": "both masks empty: dice/hd95/nsd NaN; one empty: dice 0, hd95 inf, nsd 0",
         "columns": COLUMNS,
         "cases": [c.case for c in cases],

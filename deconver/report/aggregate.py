@@ -39,6 +39,7 @@ from deconver.paths import StudyPaths
 from deconver.report.conventions import OUTPUTS as CONVENTION_OUTPUTS
 from deconver.report.conventions import pool_conventions, with_convention
 from deconver.report.learning import learning_check, native_voxels
+from deconver.report.settings import compare_settings
 
 EVAL_COLUMNS = ["study", "dataset", "model", "fold", "case", "region", "metric", "value",
                 "gt_voxels", "pred_voxels", "gt_empty", "pred_empty", "spacing", "unit", "hd_impl"]
@@ -67,6 +68,7 @@ class DatasetSpec:
     models: list[str]
     folds: list[int]
     skipped_models: dict[str, str] = field(default_factory=dict)
+    paper: bool = False  # the paper's dataset (study `paper: true`): the report prints the paper's row
 
 
 @dataclass
@@ -101,13 +103,15 @@ def plan_from_study(config: str | Path, results: Path | None = None, reference: 
             name=name, preset=preset.name, spatial_dims=preset.spatial_dims, regions=list(preset.labels),
             rule=preset.metrics.empty_rule, penalty=preset.metrics.hd95_penalty,
             synthetic=entry.synthetic if synthetic is None else synthetic,
-            models=list(planned.models[name]), folds=list(study.folds), skipped_models=planned.skipped_models(name)))
+            models=list(planned.models[name]), folds=list(study.folds), skipped_models=planned.skipped_models(name),
+            paper=entry.paper))
     return Plan(study=study.study, results=root, datasets=specs, complexity=study.complexity.activate,
                 reference=reference, seed=study.seed)
 
 
 def plan_from_tree(results: Path, rule: str | None = None, penalty: float | str | None = None,
-                   synthetic: list[str] | None = None, reference: str = "deconver") -> Plan:
+                   synthetic: list[str] | None = None, reference: str = "deconver",
+                   paper: list[str] | None = None) -> Plan:
     """Hand use: discover datasets, models and folds from `<results>/runs/` (no study config).
 
     A dataset named like a preset takes that preset's rule, penalty and regions; `rule`/`penalty`
@@ -144,7 +148,7 @@ def plan_from_tree(results: Path, rule: str | None = None, penalty: float | str 
         specs.append(DatasetSpec(
             name=name, preset=preset_name, spatial_dims=dims, regions=regions,
             rule=rule or rules.empty_rule, penalty=penalty if penalty is not None else rules.hd95_penalty,
-            synthetic=is_synth, models=sorted(models), folds=folds))
+            synthetic=is_synth, models=sorted(models), folds=folds, paper=name in set(paper or [])))
     return Plan(study=results.name, results=results, datasets=specs, complexity=(results / "complexity").is_dir(),
                 reference=reference)
 
@@ -386,7 +390,8 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
 
     options = dict(datasets=[vars(d) for d in plan.datasets], complexity=plan.complexity, reference=plan.reference,
                    alt_rules=list(alt_rules), version=_version())
-    inputs = [p for *_, p in eval_files] + [p for *_, p in cx_files] + [p for *_, p in logs_present]
+    sidecars = [p.with_suffix(".json") for *_, p in eval_files if p.with_suffix(".json").is_file()]  # settings
+    inputs = [p for *_, p in eval_files] + sidecars + [p for *_, p in cx_files] + [p for *_, p in logs_present]
     inputs += [m for m in (_manifest(plan.results, ds.name) for ds in plan.datasets) if m.is_file()]
     digest = _digest(inputs, options)
     meta_path = out / "aggregate.json"
@@ -436,7 +441,8 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
             penalty=ds.penalty, regions=[r for r in regions if r in set(raw["region"])] or regions,
             hd95_unit=_single(hd["unit"]) if len(hd) else (units[0] if len(units) == 1 else ",".join(units)),
             hd_impl=",".join(impls), models=ds.models, folds=ds.folds, skipped_models=ds.skipped_models,
-            metrics=sorted(raw["metric"].dropna().unique()), learning=learning,
+            metrics=sorted(raw["metric"].dropna().unique()), learning=learning, paper=ds.paper,
+            metric_settings=compare_settings((f"{m}/fold{f}", p) for _, m, f, p in mine),
         )
         # cases per model (they differ only if a run evaluated fewer cases); the largest is reported
         per_model = raw.drop_duplicates(["model", "fold", "case"]).groupby("model").size()
@@ -504,6 +510,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--penalty", help="hand use: HD95 penalty (a number or 'diagonal')")
     parser.add_argument("--synthetic", action="append", default=[], metavar="DATASET",
                         help="hand use: label this dataset synthetic (repeatable)")
+    parser.add_argument("--paper", action="append", default=[], metavar="DATASET",
+                        help="hand use: this dataset is the paper's (the report prints the paper's row; repeatable)")
     parser.add_argument("--force", action="store_true", help="recompute even if the inputs are unchanged")
 
 
@@ -517,7 +525,8 @@ def run(args: argparse.Namespace) -> int:
             penalty = args.penalty
             if penalty is not None and penalty != "diagonal":
                 penalty = float(penalty)
-            plan = plan_from_tree(args.results, args.rule, penalty, args.synthetic, reference=args.reference)
+            plan = plan_from_tree(args.results, args.rule, penalty, args.synthetic, reference=args.reference,
+                                  paper=args.paper)
         else:
             print("deconver aggregate: give --config STUDY.yaml or --results DIR", file=sys.stderr)
             return 2
