@@ -35,6 +35,7 @@ from deconver.report import learning
 from deconver.report import stats as S
 from deconver.report.convention_tables import (REPRODUCTION_COLUMNS, conventions_table, load_conventions,
                                                protocol_links, reproduction_columns)
+from deconver.report.objects_section import object_table, settings_notes
 from deconver.report.tables import Column, Table
 
 #: The paper's reported Deconver numbers (PAPER.md §3), by preset name.
@@ -289,12 +290,12 @@ def _pair(m: pd.DataFrame, metric: str, region: str, scale: float = 1.0):
 
 
 def reproduction_table(agg: Aggregate) -> Table | None:
-    """The paper's Deconver numbers beside ours, per dataset with a paper row (by preset name)."""
+    """The paper's Deconver numbers beside ours, per dataset the study marks as the paper's (its preset's row)."""
     ref = agg.reference
     rows = []
     synth = []
     for name, ds in agg.meta["datasets"].items():
-        paper = PAPER_RESULTS.get(ds.get("preset", name))
+        paper = PAPER_RESULTS.get(ds.get("preset", name)) if ds.get("paper") else None  # marked by the study
         if paper is None or ref not in ds.get("models", []):
             continue
         s = agg.summary[(agg.summary["dataset"] == name) & (agg.summary["model"] == ref)]
@@ -339,7 +340,8 @@ def reproduction_table(agg: Aggregate) -> Table | None:
            + ", ".join(f"{k}: {v}" for k, v in PAPER_HD95_UNIT.items()) + ") and pixels for 2D. "
            "BraTS Dice/HD95 are means over ET, TC, WT. 'authors conv.' scores the same predictions as the authors' "
            "evaluator did (prepared grid, HD95 in voxels, cases with an empty side dropped): the columns to set "
-           "beside the paper; 'suite conv.' is the suite's own (docs/metrics.md, 'Conventions'). " + FLOPS_SENTENCE)
+           "beside the paper; 'suite conv.' is the suite's own (docs/metrics.md, 'Conventions'). Only datasets the "
+           "study marks as the paper's (`paper: true`) are listed. " + FLOPS_SENTENCE)
     if synth:
         cap += f" Datasets {', '.join(synth)} are synthetic stand-ins: their numbers are not comparable with the paper."
     return Table(name="Table: reproduction", caption=cap, label="tab:reproduction", columns=cols, rows=rows,
@@ -500,7 +502,8 @@ def _img_tag(fig) -> str:
 def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None, ranks: Table | None,
                 stats_tables: dict[str, list[tuple[str, Table]]], figs: dict[str, list], files: list[str],
                 ranking: dict | None = None, conventions: Table | None = None,
-                protocols: list[tuple[str, str]] = ()) -> str:
+                protocols: list[tuple[str, str]] = (), obj_tables: dict[str, Table] | None = None,
+                warnings: dict[str, str] | None = None) -> str:
     """The whole report as one HTML page (PNG figures embedded as base64, so the file stands alone)."""
     meta = agg.meta
     study = meta.get("study", "study")
@@ -544,7 +547,11 @@ def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None
         parts.append(f"<section id='ds-{html.escape(d)}'><h2>{html.escape(_ds_title(d, m))}</h2>")
         if m.get("synthetic"):
             parts.append("<p class='banner'>Synthetic stand-in dataset.</p>")
+        if d in (warnings or {}):
+            parts.append(f"<p class='banner'><b>Different metric settings.</b> {html.escape(warnings[d])}</p>")
         parts.append(ds_tables[d].to_html())
+        if d in (obj_tables or {}):
+            parts += [f"<h3 id='objects-{html.escape(d)}'>Object-level metrics</h3>", obj_tables[d].to_html()]
         parts.append("<div class='figs'>")
         for fig in figs.get(d, []):
             parts.append(_img_tag(fig))
@@ -608,11 +615,17 @@ def report(aggregate_dir: Path, out: Path, force: bool = False, n_resamples: int
             return old
 
     written: list[Path] = []
-    ds_tables = {}
-    for name in agg.meta["datasets"]:
+    ds_tables, obj_tables = {}, {}
+    warnings = settings_notes(agg.meta["datasets"])
+    for name, ds in agg.meta["datasets"].items():
         t = dataset_table(agg, name)
+        t.notes += [warnings[name]] if name in warnings else []
         ds_tables[name] = t
         written += t.write(out / "tables", name).values()
+        obj = object_table(agg.summary, name, ds, _models(agg, name), _ds_title(name, ds))
+        if obj is not None:
+            obj_tables[name] = obj
+            written += obj.write(out / "tables", f"{name}_objects").values()
     repro = reproduction_table(agg)
     if repro is not None:
         written += repro.write(out / "tables", "reproduction").values()
@@ -652,7 +665,8 @@ def report(aggregate_dir: Path, out: Path, force: bool = False, n_resamples: int
             written += [f.png, f.svg]
 
     rel = sorted(str(p.relative_to(out)) for p in written)
-    page = render_html(agg, ds_tables, repro, ranks, st["tables"], figs, rel, ranking, conventions, protocols)
+    page = render_html(agg, ds_tables, repro, ranks, st["tables"], figs, rel, ranking, conventions, protocols,
+                       obj_tables=obj_tables, warnings=warnings)
     manifest = dict(study=agg.meta.get("study"), aggregate=str(agg.directory), inputs_digest=digest,
                     files=rel + ["report.html"], generated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     n_too_few=int((~st["wilcoxon"]["n"].ge(S.MIN_PAIRED_CASES)).sum()) if len(st["wilcoxon"]) else 0)
