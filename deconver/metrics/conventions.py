@@ -42,6 +42,20 @@ def conventions_for(preset) -> dict[str, str]:
     return {n: CONVENTIONS[n] for n in names}
 
 
+AGGREGATION_ONLY = ("empty_rule", "hd95_penalty")  # preset.metrics keys applied when pooling, not when evaluating
+
+
+def metric_settings(preset) -> dict:
+    """What decides an evaluation's values besides its files (``evaluation.json`` ``metric_settings``): the
+    HD implementation, the regions, the conventions written and the preset's metric keys except the
+    aggregation-only ones. The report flags a dataset whose runs differ in it (``deconver.report.settings``)."""
+    from deconver.metrics.surface import HD_IMPL
+
+    rules = preset.metrics.model_dump(mode="json")
+    return {"hd_impl": HD_IMPL, "labels": preset.labels, "conventions": sorted(conventions_for(preset)),
+            **{k: v for k, v in rules.items() if k not in AGGREGATION_ONLY}}
+
+
 def convention_rule(convention: str, rule: str, penalty: Any, challenge: str | None = None) -> tuple[str, Any]:
     """(empty-mask rule, penalty) applied when aggregating a convention's rows: the preset's for ``suite``,
     ``exclude`` for ``authors`` (MONAI's NaN-skipping mean), BraTS' 374 penalty for the BraTS challenge."""

@@ -34,7 +34,7 @@ from deconver.data.instances import read_instance_file
 from deconver.data.records import DatasetError
 from deconver.io import atomic_path, provenance, write_json_atomic
 from deconver.metrics.challenge import brats23_lesionwise, glas_object_metrics, isles22_metrics, label_components
-from deconver.metrics.conventions import authors_rows, challenge_rows, run_loaders
+from deconver.metrics.conventions import authors_rows, challenge_rows, metric_settings, run_loaders
 from deconver.metrics.geometry import aligned_prediction
 from deconver.metrics.surface import HD_DEFINITION, HD_IMPL, compare_masks, diagonal
 
@@ -43,15 +43,6 @@ COLUMNS = ["study", "dataset", "model", "fold", "case", "region", "metric", "val
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".png", ".bmp", ".tif", ".tiff", ".mha", ".nrrd")
 SITK_SUFFIXES = (".mha", ".nrrd")  # 3D label maps read with SimpleITK (nnU-Net datasets, predictions of them)
 CHALLENGE_UNITS = {"isles22_volume_diff_ml": "ml", "brats23_lw_hd95": "mm", "glas_object_hausdorff": "px"}
-AGGREGATION_ONLY = ("empty_rule", "hd95_penalty")  # preset.metrics keys applied when pooling, not here
-
-
-def metric_settings(preset: DatasetPreset) -> dict:
-    """What decides an evaluation's values besides its files (sidecar ``metric_settings``): the HD
-    implementation, the regions and the preset's metric keys except the aggregation-only ones. The report
-    flags a dataset whose runs differ in it."""
-    rules = preset.metrics.model_dump(mode="json")
-    return {"hd_impl": HD_IMPL, "labels": preset.labels, **{k: v for k, v in rules.items() if k not in AGGREGATION_ONLY}}
 
 
 class EvaluationError(ValueError):
