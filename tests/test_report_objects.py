@@ -67,6 +67,7 @@ def test_object_metrics_table_and_settings_flag(results, tmp_path):
     assert "Object-level metrics" in page
     # unet was evaluated with another NSD tolerance: flagged on the page and in the dataset's tables
     assert "Different metric settings" in page and "nsd_tolerance = 3.0 (unet/fold0)" in page
+    assert "The runs of glas were not all evaluated with the same metric settings" in page  # study-level banner
     assert "nsd_tolerance = 2.0 (deconver/fold0)" in (rep / "tables" / "glas.md").read_text()
     # the dataset is named like the GlaS preset, but nothing marks it as the paper's: no paper row
     assert not (rep / "tables" / "reproduction.md").exists()

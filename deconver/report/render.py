@@ -524,6 +524,9 @@ def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None
     if learning.failures(meta):  # a red line at the top, the section says which and why
         parts.append(f"<p class='alarm'><b>{learning.DID_NOT_LEARN.capitalize()}:</b> "
                      f"{html.escape(', '.join(learning.failures(meta)))} (see <a href='#self-check'>Self-check</a>).</p>")
+    if warnings:
+        parts.append(f"<p class='banner'><b>Different metric settings.</b> The runs of {html.escape(', '.join(warnings))} "
+                     "were not all evaluated with the same metric settings; see each dataset's section.</p>")
     nav = ["<nav><b>Contents</b><ul>"]
     if check:
         nav.append("<li><a href='#self-check'>Self-check: did every model learn?</a></li>")
