@@ -564,7 +564,8 @@ def test_real_evaluate_output_aggregates_and_reports(tmp_path):
         path = results / "complexity" / "brats23" / f"{model}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"model": model, "dataset": "brats23", **record}, default=str))
-    meta = aggregate(plan_from_tree(results), results / "aggregate")
+    meta = aggregate(plan_from_tree(results, paper=[p.name for p in (results / "runs").iterdir()]),
+                     results / "aggregate")  # by hand, the paper's datasets are named with --paper
     assert meta["complexity"] is True
     cx = pd.read_csv(results / "aggregate" / "complexity.csv").set_index("model")
     for model, n in macs.items():
