@@ -119,6 +119,18 @@ def load_split(path: str | Path) -> dict:
     return data
 
 
+def fold_cases(path: str | Path, fold: int) -> tuple[list[str], list[str]]:
+    """(train ids, val ids) of fold `fold` of a fold file (checked by `load_split`); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path} not found: run `deconver split` for this dataset first")
+    folds = {f.get("fold"): f for f in load_split(path).get("folds", [])}
+    if fold not in folds:
+        raise DatasetError(f"{path}: has no fold {fold} (folds {sorted(folds)}); rerun `deconver split` "
+                           "with the study's num_folds")
+    return [str(c) for c in folds[fold]["train"]], [str(c) for c in folds[fold]["val"]]
+
+
 # --------------------------------------------------------------------------- CLI
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="study config (YAML); uses study.seed, study.num_folds and the dataset's "

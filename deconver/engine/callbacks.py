@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from deconver.io import atomic_path, write_text_atomic
+from deconver.paths import RunFolder
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -58,15 +59,15 @@ class RunRecorder(L.Callback):
 
     @property
     def last_path(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.ckpt"
+        return RunFolder(self.run_dir).last
 
     @property
     def best_path(self) -> Path:
-        return self.run_dir / "checkpoints" / "best.ckpt"
+        return RunFolder(self.run_dir).best
 
     @property
     def log_path(self) -> Path:
-        return self.run_dir / "train_log.csv"
+        return RunFolder(self.run_dir).train_log
 
     # ------------------------------------------------------------------ state in checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import numpy as np
 
 from deconver.config import ConfigError, Study
 from deconver.engine.run import RunSpec, open_prepared, read_fold, resolve_run, stale_reason
+from deconver.paths import RunFolder
 
 CHECKPOINTS = ("final", "best", "last")
 MASKS_FORMAT = 1  # `mask_paths` written with each label map (a folder without them is predicted again)
@@ -32,7 +33,7 @@ MASKS_DIR = "masks"  # under predictions/: the masks the other metric convention
 def checkpoint_path(spec: RunSpec, which: str = "final") -> Path:
     if which not in CHECKPOINTS:
         raise ConfigError(f"--checkpoint: {which!r} is not one of {list(CHECKPOINTS)}")
-    path = spec.final if which == "final" else spec.checkpoints / f"{which}.ckpt"
+    path = getattr(spec.folder, which)
     if not path.is_file():
         raise ConfigError(f"{path} not found: train the run first (`deconver train --config ... --dataset "
                           f"{spec.dataset} --model {spec.model} --fold {spec.fold}`)")
@@ -45,7 +46,7 @@ def load_network(run_dir: Path, checkpoint: Path, device: str = "cpu"):
 
     from deconver import registry
 
-    record_path = run_dir / "model.json"
+    record_path = RunFolder(run_dir).model_record
     if not record_path.is_file():
         raise ConfigError(f"{record_path} not found: the run folder is incomplete")
     record = json.loads(record_path.read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from deconver.config import ConfigError, DatasetPreset, Study, _validate, deep_merge, load_study
-from deconver.paths import StudyPaths
+from deconver.paths import RunFolder, StudyPaths
 
 
 @dataclass
@@ -40,12 +40,16 @@ class RunSpec:
         return f"datasets.{self.dataset}.overrides.protocol"
 
     @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
+
+    @property
     def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.folder.checkpoints
 
     @property
     def final(self) -> Path:
-        return self.run_dir / "final.ckpt"
+        return self.folder.final
 
     def fingerprint(self) -> str:
         """The configuration a resumed run must share with the run it resumes: preset and protocol, model
@@ -76,7 +80,7 @@ def recorded_parts(run_dir: Path) -> dict | None:
     """The fingerprint parts recorded in a run folder's run.json ({} for a run.json without them, None
     when there is no readable run.json)."""
     try:
-        record = json.loads((run_dir / "run.json").read_text())
+        record = json.loads(RunFolder(run_dir).run_record.read_text())
     except (OSError, json.JSONDecodeError):
         return None
     return record.get("fingerprint_parts") or {}
@@ -184,18 +188,9 @@ def check_roi_fits_images(spec: RunSpec, shapes: list[list[int]]) -> None:
 
 def read_fold(spec: RunSpec) -> tuple[list[str], list[str]]:
     """(train ids, val ids) of the run's fold from the split file `deconver split` wrote."""
-    path = spec.paths.split(spec.dataset)
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: run `deconver split --config ... --dataset {spec.dataset}` first")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read the fold file ({err})") from None
-    for fold in data.get("folds", []):
-        if fold.get("fold") == spec.fold:
-            return list(fold["train"]), list(fold["val"])
-    raise ConfigError(f"{path}: has no fold {spec.fold} (folds {[f.get('fold') for f in data.get('folds', [])]}); "
-                      f"rerun `deconver split` for num_folds={spec.study.num_folds}")
+    from deconver.data.split import fold_cases
+
+    return fold_cases(spec.paths.split(spec.dataset), spec.fold)
 
 
 def open_prepared(spec: RunSpec):

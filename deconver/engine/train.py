@@ -37,7 +37,7 @@ def _is_rank_zero() -> bool:
 
 def _resume_checkpoint(spec: RunSpec) -> Path | None:
     """The newest checkpoint of an unfinished run (last.ckpt or a SLURM hpc checkpoint)."""
-    candidates = [spec.checkpoints / "last.ckpt", *spec.run_dir.glob("hpc_ckpt_*.ckpt")]
+    candidates = [spec.folder.last, *spec.run_dir.glob("hpc_ckpt_*.ckpt")]
     candidates = [p for p in candidates if p.is_file()]
     return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
 
@@ -59,12 +59,12 @@ def _clear_run(spec: RunSpec) -> None:
     """Remove everything a stale run produced (checkpoints, log, predictions, evaluation), keeping the folder."""
     import shutil
 
-    for path in [spec.final, spec.run_dir / "train_log.csv", spec.run_dir / "evaluation.csv",
-                 spec.run_dir / "evaluation.json", *spec.run_dir.glob("hpc_ckpt_*.ckpt")]:
+    folder = spec.folder
+    for path in [folder.final, folder.train_log, folder.evaluation, folder.evaluation.with_suffix(".json"),
+                 *spec.run_dir.glob("hpc_ckpt_*.ckpt")]:
         path.unlink(missing_ok=True)
-    for folder in (spec.checkpoints, spec.run_dir / "tensorboard", spec.paths.predictions(spec.dataset, spec.model,
-                                                                                          spec.fold)):
-        shutil.rmtree(folder, ignore_errors=True)
+    for sub in (folder.checkpoints, spec.run_dir / "tensorboard", folder.predictions):
+        shutil.rmtree(sub, ignore_errors=True)
 
 
 def _accelerator(spec: RunSpec) -> str:
@@ -107,13 +107,13 @@ def _write_records(spec: RunSpec, train_ids: list[str], val_ids: list[str], acce
     from deconver.io import provenance, write_json_atomic
 
     prov = provenance("cuda" if accelerator == "gpu" else "cpu")
-    write_json_atomic(spec.run_dir / "model.json", {**spec.model_record(), "provenance": prov})
+    write_json_atomic(spec.folder.model_record, {**spec.model_record(), "provenance": prov})
     from deconver.protocol import resolve_protocol
 
-    write_json_atomic(spec.paths.protocol(spec.dataset, spec.model, spec.fold),
+    write_json_atomic(spec.folder.protocol,
                       {**resolve_protocol(spec.study, spec.dataset, spec.model, paths=spec.paths,
                                           preset=spec.preset), "provenance": prov})
-    write_json_atomic(spec.run_dir / "run.json", {
+    write_json_atomic(spec.folder.run_record, {
         "study": spec.study.study, "dataset": spec.dataset, "model": spec.model, "fold": spec.fold,
         "seed": spec.study.seed, "fingerprint": spec.fingerprint(), "fingerprint_parts": parts,
         "threads": spec.study.trainer.threads,
@@ -134,7 +134,7 @@ def _write_final(spec: RunSpec) -> dict | None:
 
     from deconver.io import atomic_path
 
-    last = spec.checkpoints / "last.ckpt"
+    last = spec.folder.last
     if not last.is_file():
         return None
     ckpt = torch.load(last, map_location="cpu", weights_only=True)

@@ -361,23 +361,18 @@ def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, preset: DatasetPre
 def evaluate_run(config: str | Path, dataset: str, model: str, fold: int, *, base: str | Path = ".",
                  force: bool = False, workers: int | None = None) -> Path:
     """Pipeline mode: the fold's validation cases of one run, against the prepared ground truth."""
+    import deconver.data as data
+    from deconver.data.split import fold_cases
     from deconver.paths import StudyPaths
 
-    try:
-        import deconver.data as data
-    except ModuleNotFoundError as err:
-        raise EvaluationError(f"deconver.data is not available ({err}); use --pred-dir/--gt-dir") from err
     study = load_study(config)
     preset = study.preset(dataset)
     paths = StudyPaths.of(study, base)
     split_file = paths.split(dataset)
-    if not split_file.is_file():
-        raise EvaluationError(f"split file not found: {split_file} (run `deconver split` first)")
-    split = json.loads(split_file.read_text())
-    folds = {int(f["fold"]): f for f in split.get("folds", [])}
-    if fold not in folds:
-        raise EvaluationError(f"{split_file}: no fold {fold} (has {sorted(folds)})")
-    case_ids = [str(c) for c in folds[fold]["val"]]
+    try:
+        _, case_ids = fold_cases(split_file, fold)
+    except data.DatasetError as err:
+        raise EvaluationError(str(err)) from None
     prepared = data.PreparedDataset(paths.prepared(dataset))
     pred_dir = paths.predictions(dataset, model, fold)
     manifest = paths.manifest(dataset)

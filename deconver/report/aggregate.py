@@ -82,30 +82,33 @@ class Plan:
     reference: str = "deconver"
     seed: int = 123
 
+    @property
+    def paths(self) -> StudyPaths:
+        return StudyPaths.at(self.results)
+
 
 def plan_from_study(config: str | Path, results: Path | None = None, reference: str = "deconver") -> Plan:
     """The aggregation plan of a study config: the datasets × models × folds of its study plan
     (`deconver.plan`, the workflow's), with the skipped pairs and their reasons."""
     from deconver.config import load_study
-    from deconver.paths import StudyPaths
     from deconver.plan import plan_study
 
     study = load_study(config)
     planned = plan_study(study)
-    root = Path(results) if results else StudyPaths.of(study).results
+    paths = StudyPaths.at(results) if results else StudyPaths.of(study)
     specs = []
     for name, entry in study.datasets.items():
         preset = study.preset(name)
         # the prepared manifest knows whether the cases were synthetic (a `synthetic: true` entry only
         # writes stand-ins when its root is absent); without a manifest the entry decides
-        synthetic = _manifest_synthetic(_manifest(root, name))
+        synthetic = _manifest_synthetic(paths.manifest(name))
         specs.append(DatasetSpec(
             name=name, preset=preset.name, spatial_dims=preset.spatial_dims, regions=list(preset.labels),
             rule=preset.metrics.empty_rule, penalty=preset.metrics.hd95_penalty,
             synthetic=entry.synthetic if synthetic is None else synthetic,
             models=list(planned.models[name]), folds=list(study.folds), skipped_models=planned.skipped_models(name),
             paper=entry.paper))
-    return Plan(study=study.study, results=root, datasets=specs, complexity=study.complexity.activate,
+    return Plan(study=study.study, results=paths.results, datasets=specs, complexity=study.complexity.activate,
                 reference=reference, seed=study.seed)
 
 
@@ -119,22 +122,19 @@ def plan_from_tree(results: Path, rule: str | None = None, penalty: float | str 
     """
     from deconver.config import ConfigError, MetricRules, load_preset
 
-    results = Path(results)
-    runs = results / "runs"
-    if not runs.is_dir():
-        raise AggregateError(f"no runs folder: {runs}")
-    evals = sorted(runs.glob("*/*/fold*/evaluation.csv"))
+    paths = StudyPaths.at(results)
+    if not paths.runs().is_dir():
+        raise AggregateError(f"no runs folder: {paths.runs()}")
+    try:
+        evals = paths.evaluations()
+    except ValueError as err:  # e.g. a run folder not named fold<k>
+        raise AggregateError(str(err)) from None
     if not evals:
-        raise AggregateError(f"no evaluation.csv under {runs}/<dataset>/<model>/fold<k>/")
+        raise AggregateError(f"no evaluation.csv under {paths.runs()}/<dataset>/<model>/fold<k>/")
     synthetic = set(synthetic or [])
     by_ds: dict[str, dict[str, set[int]]] = {}
-    for p in evals:
-        fold_dir, model_dir, ds_dir = p.parent, p.parent.parent, p.parent.parent.parent
-        try:
-            fold = int(fold_dir.name.removeprefix("fold"))
-        except ValueError:
-            raise AggregateError(f"run folder not named fold<k>: {fold_dir}") from None
-        by_ds.setdefault(ds_dir.name, {}).setdefault(model_dir.name, set()).add(fold)
+    for key, _ in evals:
+        by_ds.setdefault(key.dataset, {}).setdefault(key.model, set()).add(key.fold)
     specs = []
     for name, models in sorted(by_ds.items()):
         try:
@@ -142,20 +142,14 @@ def plan_from_tree(results: Path, rule: str | None = None, penalty: float | str 
             rules, preset_name, dims, regions = preset.metrics, preset.name, preset.spatial_dims, list(preset.labels)
         except ConfigError:
             rules, preset_name, dims, regions = MetricRules(), name, None, []
-        manifest = _manifest(results, name)
-        is_synth = name in synthetic or bool(_manifest_synthetic(manifest))
+        is_synth = name in synthetic or bool(_manifest_synthetic(paths.manifest(name)))
         folds = sorted(set().union(*models.values()))
         specs.append(DatasetSpec(
             name=name, preset=preset_name, spatial_dims=dims, regions=regions,
             rule=rule or rules.empty_rule, penalty=penalty if penalty is not None else rules.hd95_penalty,
             synthetic=is_synth, models=sorted(models), folds=folds, paper=name in set(paper or [])))
-    return Plan(study=results.name, results=results, datasets=specs, complexity=(results / "complexity").is_dir(),
+    return Plan(study=paths.results.name, results=paths.results, datasets=specs, complexity=paths.complexity_dir().is_dir(),
                 reference=reference)
-
-
-def _manifest(results: Path, dataset: str) -> Path:
-    """The prepared manifest of `dataset` in a study's results folder."""
-    return StudyPaths(results=Path(results), reports=Path()).manifest(dataset)
 
 
 def _manifest_synthetic(manifest: Path) -> bool | None:
@@ -267,10 +261,8 @@ def read_train_log(path: Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------- the empty-mask rule
 def default_apply_rule() -> Callable:
     """The metrics colleague's rule function (the single implementation of the convention)."""
-    try:
-        from deconver.metrics.aggregate import apply_rule
-    except ImportError as err:
-        raise AggregateError(f"deconver.metrics.aggregate.apply_rule is not available ({err})") from None
+    from deconver.metrics.aggregate import apply_rule
+
     return apply_rule
 
 
@@ -373,15 +365,15 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
     (the authors' `exclude` by default) so the reproduction table can show the comparable number.
     """
     out = Path(out)
+    paths = plan.paths
     eval_files, log_files, cx_files = [], [], []
     for ds in plan.datasets:
         for model in ds.models:
             for fold in ds.folds:
-                run = plan.results / "runs" / ds.name / model / f"fold{fold}"
-                eval_files.append((ds, model, fold, run / "evaluation.csv"))
-                log_files.append((ds, model, fold, run / "train_log.csv"))
+                eval_files.append((ds, model, fold, paths.evaluation(ds.name, model, fold)))
+                log_files.append((ds, model, fold, paths.train_log(ds.name, model, fold)))
             if plan.complexity:
-                cx_files.append((ds, model, plan.results / "complexity" / ds.name / f"{model}.json"))
+                cx_files.append((ds, model, paths.complexity(ds.name, model)))
     missing = [str(p) for *_, p in eval_files + cx_files if not p.is_file()]
     if missing:
         raise AggregateError("missing input file(s): " + ", ".join(missing[:20]) + (" …" if len(missing) > 20 else ""))
@@ -392,7 +384,7 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
                    alt_rules=list(alt_rules), version=_version())
     sidecars = [p.with_suffix(".json") for *_, p in eval_files if p.with_suffix(".json").is_file()]  # settings
     inputs = [p for *_, p in eval_files] + sidecars + [p for *_, p in cx_files] + [p for *_, p in logs_present]
-    inputs += [m for m in (_manifest(plan.results, ds.name) for ds in plan.datasets) if m.is_file()]
+    inputs += [m for m in (plan.paths.manifest(ds.name) for ds in plan.datasets) if m.is_file()]
     digest = _digest(inputs, options)
     meta_path = out / "aggregate.json"
     if not force and meta_path.is_file() and all((out / o).is_file() for o in OUTPUTS):
@@ -434,7 +426,7 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
             summary_parts.append(summ)
             if rule == ds.rule:
                 per_case_parts.append(ruled)
-                learning = learning_check(ruled, raw, native_voxels(_manifest(plan.results, ds.name)))
+                learning = learning_check(ruled, raw, native_voxels(plan.paths.manifest(ds.name)))
         hd = raw[raw["metric"] == "hd95"]
         ds_meta[ds.name] = dict(
             preset=ds.preset, spatial_dims=ds.spatial_dims, synthetic=ds.synthetic, rule=ds.rule,
@@ -530,7 +522,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("deconver aggregate: give --config STUDY.yaml or --results DIR", file=sys.stderr)
             return 2
-        out = args.out or plan.results / "aggregate"
+        out = args.out or plan.paths.aggregate()
         meta = aggregate(plan, out, force=args.force)
     except (AggregateError, ConfigError) as err:
         print(f"deconver aggregate: {err}", file=sys.stderr)

@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 
 from deconver.io import write_json_atomic, write_text_atomic
+from deconver.paths import StudyPaths
 from deconver.report import learning
 from deconver.report import stats as S
 from deconver.report.convention_tables import (REPRODUCTION_COLUMNS, conventions_table, load_conventions,
@@ -696,18 +697,17 @@ def run(args: argparse.Namespace) -> int:
         agg_dir, out = args.aggregate, args.out
         if args.config:
             from deconver.config import load_study
-            from deconver.paths import StudyPaths
 
             study = load_study(args.config)
             paths = StudyPaths.of(study)
             results = args.results or paths.results
-            agg_dir = agg_dir or Path(results) / "aggregate"
+            agg_dir = agg_dir or StudyPaths.at(results).aggregate()
             out = out or paths.reports
         else:
             if agg_dir is None and args.results is None:
                 print("deconver report: give --config STUDY.yaml, or --results DIR (or --aggregate DIR) and --out DIR", file=sys.stderr)
                 return 2
-            agg_dir = agg_dir or args.results / "aggregate"
+            agg_dir = agg_dir or StudyPaths.at(args.results).aggregate()
             if out is None:
                 print("deconver report: --out DIR is needed without --config", file=sys.stderr)
                 return 2

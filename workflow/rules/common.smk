@@ -61,13 +61,13 @@ CONFIG_NAME = _config_name()
 STUDY_DICT, STUDY = _load_study()
 PATHS = StudyPaths.of(STUDY)
 RESULTS = PATHS.results
-LOGS = RESULTS / "logs"
+LOGS = PATHS.logs
 DATASETS = list(STUDY.datasets)
 PRESETS = {name: STUDY.preset(name) for name in DATASETS}
 FOLDS = list(STUDY.folds)
 SYNTH_MARKER = "SYNTHETIC.txt"  # written last by `deconver synth` into a synthetic dataset's root
 # The resolved study (config file(s) + --config overrides) that every `deconver` step reads.
-STUDY_FILE = RESULTS / "study.yaml"
+STUDY_FILE = PATHS.study_file
 
 
 def _write_study_file() -> None:
@@ -192,7 +192,7 @@ def complexity_files(wildcards=None) -> list[str]:
 
 
 AGGREGATE = PATHS.aggregate() / "aggregate.json"  # written last by `deconver aggregate`
-REPORT = PATHS.reports / "report.html"  # written last by `deconver report`
+REPORT = PATHS.report_html()  # written last by `deconver report`
 
 
 def final_targets(wildcards=None) -> list[str]:
