@@ -12,8 +12,9 @@ import torch
 
 from deconver import registry
 from deconver.cli import main
-from deconver.complexity.analytic import (PAPER_CONFIGS, PAPER_FLOPS_PER_VOXEL_K, PAPER_PARAMS, PAPER_TOLERANCE,
-                                          deconver_costs, paper_costs)
+from deconver.complexity.analytic import deconver_costs, paper_costs
+from deconver.published import CONFIGS as PAPER_CONFIGS, FLOPS_TOLERANCE as PAPER_TOLERANCE, PARAMS as PAPER_PARAMS
+from deconver.published import flops_per_voxel_k
 from deconver.complexity.counters import count_parameters, cross_check, flop_counter_count, fvcore_count
 from deconver.complexity.paper import paper_count
 from deconver.config import load_preset
@@ -41,10 +42,10 @@ def test_deconver_counts_equal_formula_and_paper(dataset):
         paper = paper_count(model, shape)
         assert paper.flops == expected.paper_flops  # the mixer is charged as the official one, either impl
         per_voxel_k = paper.flops / expected.voxels / 1e3
-        assert abs(per_voxel_k / PAPER_FLOPS_PER_VOXEL_K[dataset] - 1) <= PAPER_TOLERANCE, per_voxel_k
+        assert abs(per_voxel_k / flops_per_voxel_k(dataset) - 1) <= PAPER_TOLERANCE, per_voxel_k
         # the empirical fit of docs/complexity.md: non-MAC terms counted twice give the figures to 0.05 %
         doubled_k = (paper.flops + paper.nonmac_flops) / expected.voxels / 1e3
-        assert abs(doubled_k / PAPER_FLOPS_PER_VOXEL_K[dataset] - 1) <= 1.5e-3, doubled_k
+        assert abs(doubled_k / flops_per_voxel_k(dataset) - 1) <= 1.5e-3, doubled_k
     # the NDC convolutions are what the paper's convention leaves out: ours is well above it
     assert expected.flops_per_voxel_k > 1.15 * expected.paper_flops_per_voxel_k
 

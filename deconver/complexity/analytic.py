@@ -16,16 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-# PAPER.md section 2 (groups=-1, ratio=4, mlp ratio 4, one block per stage) and section 3
-PAPER_CONFIGS: dict[str, dict] = {
-    "isles22": dict(in_channels=2, out_channels=1, spatial_dims=3, widths=(64, 128, 256, 512), kernel_size=3),
-    "brats23": dict(in_channels=4, out_channels=3, spatial_dims=3, widths=(32, 64, 128, 256, 512), kernel_size=3),
-    "glas": dict(in_channels=3, out_channels=1, spatial_dims=2, widths=(32, 64, 128, 256, 512, 512), kernel_size=5),
-    "fives": dict(in_channels=3, out_channels=1, spatial_dims=2, widths=(32, 64, 128, 256, 512, 512), kernel_size=5),
-}
-PAPER_PARAMS = {"isles22": 10_476_545, "brats23": 10_553_859, "glas": 20_794_785, "fives": 20_794_785}
-PAPER_FLOPS_PER_VOXEL_K = {"isles22": 607.0, "brats23": 167.5, "glas": 422.8, "fives": 422.8}
-PAPER_TOLERANCE = 0.015
+from deconver import published
 
 
 @dataclass
@@ -122,6 +113,6 @@ def deconver_costs(*, in_channels: int, out_channels: int, spatial_dims: int, wi
 
 def paper_costs(dataset: str, roi: Sequence[int]) -> DeconverCosts:
     """:func:`deconver_costs` of the paper's configuration for ``dataset`` (PAPER.md section 2)."""
-    if dataset not in PAPER_CONFIGS:
-        raise KeyError(f"no paper configuration for {dataset!r}; known: {sorted(PAPER_CONFIGS)}")
-    return deconver_costs(roi=roi, **PAPER_CONFIGS[dataset])
+    if dataset not in published.CONFIGS:
+        raise KeyError(f"no paper configuration for {dataset!r}; known: {sorted(published.CONFIGS)}")
+    return deconver_costs(roi=roi, **published.CONFIGS[dataset])

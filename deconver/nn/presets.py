@@ -1,39 +1,46 @@
 """Named Deconver configurations (data only): name -> constructor kwargs, exact parameter count, note.
 
-Sources: PAPER.md section 2 (the paper's configurations, whose counts reproduce the paper's 10.5M /
-10.6M / 20.8M) and the authors' MONAI bundles (model_zoo/deconver_{isles22,brats23,fives} in
+Sources: the paper's configurations (deconver.published, docs/paper.md section 2), whose counts
+reproduce the paper's 10.5M / 10.6M / 20.8M, and the authors' MONAI bundles (model_zoo/deconver_{isles22,brats23,fives} in
 github.com/pashtari/factorizer), which use five stages 32-512, ratio 1 and, for FIVES, a 7x7 kernel
 (the layouts were fixed by matching the bundles' exact parameter counts).
 """
 
 from __future__ import annotations
 
+from deconver import published
+
 __all__ = ["PRESETS"]
 
-_PAPER = dict(groups=-1, ratio=4, mlp_ratio=4, num_iters=1)
-_ISLES22 = dict(spatial_dims=3, in_channels=2, out_channels=1, channels=(64, 128, 256, 512), kernel_size=3, **_PAPER)
-_BRATS23 = dict(spatial_dims=3, in_channels=4, out_channels=3, channels=(32, 64, 128, 256, 512), kernel_size=3, **_PAPER)
-_2D = dict(spatial_dims=2, in_channels=3, out_channels=1, channels=(32, 64, 128, 256, 512, 512), kernel_size=5, **_PAPER)
+
+def _paper(dataset: str) -> dict:
+    """Constructor kwargs of the paper's configuration for `dataset` (deconver.published)."""
+    cfg = published.CONFIGS[dataset]
+    return dict(spatial_dims=cfg["spatial_dims"], in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
+                channels=cfg["widths"], kernel_size=cfg["kernel_size"], **published.BLOCK)
+
+
+_ISLES22, _BRATS23, _2D = _paper("isles22"), _paper("brats23"), _paper("glas")
 
 PRESETS: dict[str, dict] = {
     "isles22": {
         "kwargs": _ISLES22,
-        "params": 10_476_545,
+        "params": published.PARAMS["isles22"],
         "note": "paper, ISLES'22 (DWI+ADC -> lesion): 3D, widths 64-512, k3, ratio 4; paper reports 10.5M",
     },
     "brats23": {
         "kwargs": _BRATS23,
-        "params": 10_553_859,
+        "params": published.PARAMS["brats23"],
         "note": "paper, BraTS'23 (4 MRI -> ET/TC/WT): 3D, widths 32-512, k3, ratio 4; paper reports 10.6M",
     },
     "glas": {
         "kwargs": _2D,
-        "params": 20_794_785,
+        "params": published.PARAMS["glas"],
         "note": "paper, GlaS (RGB -> glands): 2D, six stages 32-512-512 (inferred from the reported 20.8M), k5",
     },
     "fives": {
         "kwargs": _2D,
-        "params": 20_794_785,
+        "params": published.PARAMS["fives"],
         "note": "paper, FIVES (RGB -> vessels): 2D, six stages 32-512-512 (inferred from the reported 20.8M), k5",
     },
     "isles22-bundle": {
