@@ -13,7 +13,7 @@ from deconver import __version__
 
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("deconver.registry", "list the registered models (table or --json)"),
+    "models": ("deconver.registry.table", "list the registered models (table or --json)"),
     "synth": ("deconver.data.synth", "write a synthetic stand-in dataset in an official layout"),
     "preset": ("deconver.data.autopreset", "print a commented dataset preset planned from the data (--from ROOT)"),
     "prepare": ("deconver.data.prepare", "preprocess a dataset once into the on-disk cache"),

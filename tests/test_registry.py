@@ -137,7 +137,7 @@ def test_drop_in_model_trains_one_step_through_the_engine(tmp_path, fresh_defaul
     from deconver.engine.labels import LabelCodec
     from deconver.engine.module import SegmentationModule
 
-    watched = sorted(MODELS_DIR.glob("*.py")) + [REPO_ROOT / "deconver" / "registry.py"]
+    watched = sorted(MODELS_DIR.glob("*.py")) + sorted((REPO_ROOT / "deconver" / "registry").glob("*.py"))
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in watched}
     folder = tmp_path / "my_models"
     _write(folder, "tiny_study_net.py", TINY.format(name="tiny_study_net"))
@@ -459,7 +459,7 @@ def test_models_command_json_reports_broken_files_and_keeps_the_rest(tmp_path):
 
 
 def test_describe_models_uses_the_study_datasets_dirs_and_kwargs(tmp_path):
-    from deconver.registry import describe_models
+    from deconver.registry.table import describe_models
 
     folder = tmp_path / "extra"
     _write(folder, "tiny.py", TINY.format(name="zz_study"))
