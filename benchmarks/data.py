@@ -6,7 +6,7 @@ is never input-bound. Measured on this machine (CPU), separately for the loader 
 plus the training augmentation, in a torch DataLoader) and for the step (MONAI UNet, DiceCE, AdamW,
 forward + backward + update on a batch of the preset's size and roi).
 
-    python benchmarks/data.py [--data ../shared/data/Task04_Hippocampus] [--out results/benchmarks/data.json]
+    python benchmarks/data.py [--data data/Task04_Hippocampus] [--out results/benchmarks/data.json]
 
 Writes the numbers (and provenance) as JSON and prints a summary.
 """
@@ -28,7 +28,7 @@ from deconver.data.prepare import prepare_dataset
 from deconver.io import provenance, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "Task04_Hippocampus"
+DEFAULT_DATA = REPO / "data" / "Task04_Hippocampus"  # the studies' documented place (docs/datasets.md)
 
 
 def augmentation(preset):

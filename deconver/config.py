@@ -109,7 +109,7 @@ class Augmentation(Strict):
 
 
 class Protocol(Strict):
-    """How every model is trained and validated on this dataset (PAPER.md §4 defaults)."""
+    """How every model is trained and validated on this dataset (docs/paper.md §4 defaults)."""
 
     roi_size: list[int] = Field(..., min_length=2, max_length=3, description="training crop = sliding-window roi")
     batch_size: int = Field(..., gt=0)
@@ -141,7 +141,7 @@ class Protocol(Strict):
 
 
 class MetricRules(Strict):
-    """Metric conventions (DATASETS.md, "Metric conventions"): raw values are stored, rules apply at aggregation."""
+    """Metric conventions (docs/datasets.md, "Metric conventions"): raw values are stored, rules apply at aggregation."""
 
     empty_rule: Literal["penalize", "exclude"] = Field(
         "penalize", description="penalize: both empty → Dice 1/HD95 0, one empty → Dice 0/HD95 penalty; "

@@ -1,4 +1,4 @@
-"""MONAI DynUNet configured as the authors' "nnU-Net" baseline (PAPER.md §3)."""
+"""MONAI DynUNet configured as the authors' "nnU-Net" baseline (docs/paper.md §3)."""
 from collections.abc import Sequence
 from typing import Literal
 

@@ -1,4 +1,4 @@
-"""MONAI SegResNet in the authors' configuration (PAPER.md §3)."""
+"""MONAI SegResNet in the authors' configuration (docs/paper.md §3)."""
 from monai.networks.nets import SegResNet
 
 from deconver.registry import register_model

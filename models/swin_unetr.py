@@ -1,4 +1,4 @@
-"""MONAI SwinUNETR in the authors' configuration (v1, PAPER.md §3); ``use_v2=True`` selects v2."""
+"""MONAI SwinUNETR in the authors' configuration (v1, docs/paper.md §3); ``use_v2=True`` selects v2."""
 from monai.networks.nets import SwinUNETR
 
 from deconver.registry import register_model

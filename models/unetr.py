@@ -1,4 +1,4 @@
-"""MONAI UNETR in the authors' configuration (PAPER.md §3); built for exactly the dataset's roi."""
+"""MONAI UNETR in the authors' configuration (docs/paper.md §3); built for exactly the dataset's roi."""
 from monai.networks.nets import UNETR
 from torch import nn
 

@@ -13,7 +13,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
 from deconver.config import load_preset
 from deconver.engine.labels import LabelCodec
-from deconver.metrics.aggregate import apply_rule
+from deconver.metrics.empty_rules import apply_rule
 from deconver.metrics.conventions import authors_rows, challenge_rows, convention_rule, robust_hd95
 from deconver.metrics.evaluate import evaluate_case
 from deconver.metrics.surface import compare_masks

@@ -14,7 +14,10 @@ def test_every_path_parses_back_to_its_keys(tmp_path):
     assert p.results == tmp_path / "res" / "s" and p.report_html() == tmp_path / "rep" / "s" / "report.html"
     cases = {
         p.study_file: PathKey("study"),
+        p.inventory("glas"): PathKey("inventory", "glas"),
         p.manifest("glas"): PathKey("prepared", "glas"),
+        p.preset("glas"): PathKey("preset", "glas"),
+        p.protocol("glas", "unet", 2): PathKey("run", "glas", "unet", 2),
         p.split("glas"): PathKey("split", "glas"),
         p.final_checkpoint("glas", "unet", 3): PathKey("run", "glas", "unet", 3),
         p.run_folder("glas", "unet", 0).best: PathKey("run", "glas", "unet", 0),

@@ -266,7 +266,7 @@ def test_unknown_model_lists_the_known_ones():
 
 
 def test_unsupported_dims():
-    with pytest.raises(ModelError, match=r"'smp_unet' \(models/smp_unet.py\) supports 2D inputs only, not 3D"):
+    with pytest.raises(ModelError, match=r"'smp_unet' \(models/smp.py\) supports 2D inputs only, not 3D"):
         check_model("smp_unet", 3, (64, 64, 64), {})
     check_model("smp_unet", 2, (64, 64), {})
 

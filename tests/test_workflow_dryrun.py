@@ -117,13 +117,16 @@ def test_dry_run_paper_names_missing_data(tmp_path):
 
 
 def test_dry_run_hippocampus(tmp_path):
-    """config/hippocampus.yaml reads ../shared/data/Task04_Hippocampus relative to the workdir (here
-    an empty stand-in folder), and with `download: true` and no folder the DAG starts with the
-    download rule (a dry run: nothing is fetched)."""
+    """config/hippocampus_full.yaml reads the data root the user gives (here an empty stand-in folder
+    passed on the command line; without it, the documented data/Task04_Hippocampus must exist), and with
+    `download: true` and no folder the DAG starts with the download rule (a dry run: nothing is fetched)."""
     work = tmp_path / "main"
-    (tmp_path / "shared" / "data" / "Task04_Hippocampus").mkdir(parents=True)
-    cfg = REPO_ROOT / "config" / "hippocampus.yaml"
-    jobs = jobs_of(dry_run(work, "--configfile", cfg).stdout)
+    root = tmp_path / "mine" / "Task04_Hippocampus"
+    root.mkdir(parents=True)
+    cfg = REPO_ROOT / "config" / "hippocampus_full.yaml"
+    missing = dry_run(work, "--configfile", cfg, check=False)
+    assert missing.returncode != 0 and "datasets.hippocampus.root" in missing.stdout
+    jobs = jobs_of(dry_run(work, "--configfile", cfg, "--config", f"datasets={{hippocampus: {{root: {root}}}}}").stdout)
     assert {j["dataset"] for j in jobs["train"]} == {"hippocampus"}
     assert {j["model"] for j in jobs["train"]} == set(yaml.safe_load(cfg.read_text())["models"])
     assert not any(r.startswith("download") for r in jobs)

@@ -1,7 +1,7 @@
-"""Closed-form parameters, MACs and paper-convention FLOPs of a Deconver network (PAPER.md sections 1-3).
+"""Closed-form parameters, MACs and paper-convention FLOPs of a Deconver network (docs/paper.md sections 1-3).
 
 Independent of the network's code: it is what the counters must reproduce on
-``deconver.nn.Deconver`` (tests), and the reference for docs/complexity.md. Structure (PAPER.md
+``deconver.nn.Deconver`` (tests), and the reference for docs/complexity.md. Structure (docs/paper.md
 section 1): stem conv 3^d (no bias) -> encoder stages (stage 0 without downsampling, then a k2 s2
 conv with bias) each followed by ``depth`` blocks -> decoder stages (k2 s2 transposed conv with
 bias, concatenation with the skip, 1x1 adapter 2w -> w without bias, blocks) -> 1x1 head with bias.
@@ -112,7 +112,7 @@ def deconver_costs(*, in_channels: int, out_channels: int, spatial_dims: int, wi
 
 
 def paper_costs(dataset: str, roi: Sequence[int]) -> DeconverCosts:
-    """:func:`deconver_costs` of the paper's configuration for ``dataset`` (PAPER.md section 2)."""
+    """:func:`deconver_costs` of the paper's configuration for ``dataset`` (docs/paper.md section 2)."""
     if dataset not in published.CONFIGS:
         raise KeyError(f"no paper configuration for {dataset!r}; known: {sorted(published.CONFIGS)}")
     return deconver_costs(roi=roi, **published.CONFIGS[dataset])

@@ -97,7 +97,7 @@ def ndc_update_handle(inputs, outputs) -> int:
     """``NDCUpdate.apply(x, z, h, ...)``: K(s), A(x), A(K(s)) cost C*sc*k^d MACs each per voxel and sample.
 
     ``x`` is ``(B, C, *S)`` and ``h`` ``(C, sc, *k)``, so one update is ``3 * B * |S| * |h|`` MACs
-    (PAPER.md section 1; the 1x1 projection is an ordinary convolution outside the function).
+    (docs/paper.md section 1; the 1x1 projection is an ordinary convolution outside the function).
     """
     x, h = _shape(inputs[0]), _shape(inputs[2])
     return 3 * x[0] * math.prod(x[2:]) * math.prod(h)

@@ -1,4 +1,4 @@
-"""The paper's FLOPs convention: DeepSpeed's FLOPs profiler, reproduced (PAPER.md section 3).
+"""The paper's FLOPs convention: DeepSpeed's FLOPs profiler, reproduced (docs/paper.md section 3).
 
 The paper's "FLOPs / pixel" match a forward pass profiled by DeepSpeed's ``FlopsProfiler``, divided by
 the number of input voxels. That profiler monkey-patches a fixed list of Python entry points for the

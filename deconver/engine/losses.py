@@ -1,4 +1,4 @@
-"""Training losses of the protocol (PAPER.md §4): Dice + cross-entropy.
+"""Training losses of the protocol (docs/paper.md §4): Dice + cross-entropy.
 
 Sigmoid tasks (binary, regions) get a soft Dice with squared denominators plus a binary cross-entropy
 computed **per channel** (`BCEWithLogitsLoss`). MONAI's `DiceCELoss(sigmoid=True)` is not used for them:

@@ -1,4 +1,4 @@
-"""The LightningModule every model is trained with: the protocol of PAPER.md §4, model injected.
+"""The LightningModule every model is trained with: the protocol of docs/paper.md §4, model injected.
 
 * loss: DiceCE (`deconver.engine.losses.build_loss`): per-channel sigmoid BCE for binary/regions,
   softmax + one-hot for multiclass;

@@ -33,7 +33,7 @@ __all__ = [
 
 def __getattr__(name):
     if name in ("apply_rule", "summarize"):
-        from deconver.metrics import aggregate
+        from deconver.metrics import empty_rules
 
-        return getattr(aggregate, name)
+        return getattr(empty_rules, name)
     raise AttributeError(f"module 'deconver.metrics' has no attribute {name!r}")

@@ -13,7 +13,7 @@ Every region of the preset (region = union of its label values; for multiclass, 
 HD95 and NSD (``deconver.metrics.surface``) in the native grid with the true spacing (mm in 3D; pixels
 in 2D unless a spacing is known), plus the challenge's own metrics when ``preset.metrics.challenge`` is
 set. Values are raw (NaN/inf kept); empty-mask rules are applied later by
-``deconver.metrics.aggregate.apply_rule``. A rerun with unchanged inputs is a no-op.
+``deconver.metrics.empty_rules.apply_rule``. A rerun with unchanged inputs is a no-op.
 """
 from __future__ import annotations
 

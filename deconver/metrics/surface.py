@@ -22,7 +22,7 @@ One definition, used everywhere in the suite (its name, ``HD_IMPL``, is written 
   of the other surface, ``(|d(∂P→∂G) ≤ τ| + |d(∂G→∂P) ≤ τ|) / (|∂P| + |∂G|)`` (MONAI's
   ``compute_surface_dice`` without sub-voxel areas).
 
-Raw values on empty masks (conventions are applied later, by ``deconver.metrics.aggregate``):
+Raw values on empty masks (conventions are applied later, by ``deconver.metrics.empty_rules``):
 both empty → Dice, HD95, NSD are NaN (0/0); exactly one empty → Dice 0, HD95 +inf, NSD 0.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Deconver: a U-shaped segmentation network with nonnegative-deconvolution mixing (PAPER.md section 1).
+"""Deconver: a U-shaped segmentation network with nonnegative-deconvolution mixing (docs/paper.md section 1).
 
 Ashtari et al., "Deconver: A Deconvolutional Network for Medical Image Segmentation",
 arXiv:2504.00302 (2025); official code github.com/pashtari/deconver (Apache-2.0).

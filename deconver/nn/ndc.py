@@ -1,6 +1,6 @@
-"""NDC: the nonnegative deconvolution layer of Deconver (PAPER.md section 1).
+"""NDC: the nonnegative deconvolution layer of Deconver (docs/paper.md section 1).
 
-Notation (as in PAPER.md): input ``x`` of shape ``(B, C, *S)``, ``G`` groups (``groups=-1`` means
+Notation (as in docs/paper.md): input ``x`` of shape ``(B, C, *S)``, ``G`` groups (``groups=-1`` means
 ``G = C``, depth-wise), ``m = C / G`` filter channels per group, ``sc`` source channels per group,
 odd kernel ``k`` in ``d`` spatial dimensions.
 

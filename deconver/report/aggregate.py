@@ -2,7 +2,7 @@
 
 Reads (docs/ARCHITECTURE.md) per run `<R>/runs/<dataset>/<model>/fold<k>/evaluation.csv` and
 `train_log.csv`, and `<R>/complexity/<dataset>/<model>.json`; applies each dataset's empty-mask rule
-with `deconver.metrics.aggregate.apply_rule` (raw values stay raw in the inputs) and writes
+with `deconver.metrics.empty_rules.apply_rule` (raw values stay raw in the inputs) and writes
 `<R>/aggregate/`:
 
 - `per_case.csv`   one row per (dataset, model, fold, case, region, metric) after the rule, with the raw
@@ -261,7 +261,7 @@ def read_train_log(path: Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------- the empty-mask rule
 def default_apply_rule() -> Callable:
     """The metrics colleague's rule function (the single implementation of the convention)."""
-    from deconver.metrics.aggregate import apply_rule
+    from deconver.metrics.empty_rules import apply_rule
 
     return apply_rule
 

@@ -167,7 +167,7 @@ def reproduction_table(agg: Aggregate) -> Table | None:
                  Column("flops_ours", "FLOPs/px (K) ours, all MACs incl. NDC", decimals=1)]
     else:
         cols += [Column("flops_paper", "FLOPs/px (K) paper", decimals=1)]
-    cap = (f"Reproduction: the paper's reported {ref} results (arXiv:2504.00302, PAPER.md §3) beside ours. "
+    cap = (f"Reproduction: the paper's reported {ref} results (arXiv:2504.00302, docs/paper.md §3) beside ours. "
            "'ours' uses each dataset's empty-mask rule; 'exclude rule' drops one-side-empty cases as the authors' MONAI "
            "code did. The paper's HD95 is in voxels of the resampled grid for 3D (MONAI without spacing; "
            + ", ".join(f"{k}: {v}" for k, v in published.HD95_UNIT.items()) + ") and pixels for 2D. "

@@ -2,7 +2,7 @@
 
 Raw values keep what the mathematics gives (both masks empty: Dice/HD95/NSD NaN; one empty: Dice 0,
 HD95 +inf, NSD 0). A rule decides what those cases mean, and every aggregate says how many cases it
-touched (DATASETS.md, "Metric conventions"):
+touched (docs/datasets.md, "Metric conventions"):
 
 ``penalize`` (default; BraTS 2023 convention)
     both empty → Dice 1, NSD 1, HD95 0; exactly one empty → Dice 0, NSD 0, HD95 = ``penalty``

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from deconver.config import load_preset
-from deconver.metrics.aggregate import apply_rule, summarize
+from deconver.metrics.empty_rules import apply_rule, summarize
 from deconver.metrics.evaluate import evaluate_case
 from deconver.metrics.surface import diagonal
 
