@@ -16,13 +16,16 @@ from deconver.config import deep_merge, load_study
 from deconver.plan import PlanError, Run, check_pair, model_names, plan_study, skipped, study_runs
 
 CONFIGS = sorted(p.name for p in (REPO_ROOT / "config").glob("*.yaml"))
-BATCH1 = {"glas": {"overrides": {"protocol": {"batch_size": 1}}}}  # on top of config/config.yaml
+# on top of config/config.yaml, whose model list gains smp_deeplabv3plus (min_batch 2)
+BATCH1 = {"glas": {"overrides": {"protocol": {"batch_size": 1}}}}
 
 
 def _study_file(tmp: Path, name: str, datasets_override: dict | None = None) -> Path:
     """The config as a stand-alone study in `tmp`: real-data roots are empty folders there."""
     data = yaml.safe_load((REPO_ROOT / "config" / name).read_text())
     data["datasets"] = deep_merge(data["datasets"], datasets_override or {})
+    if datasets_override is BATCH1:
+        data["models"] = [*data["models"], "smp_deeplabv3plus"]
     for key, entry in data["datasets"].items():
         if not entry.get("synthetic"):
             entry["root"] = str(tmp / "data" / key / "Task04_Hippocampus")  # a Decathlon-like name fits any reader
