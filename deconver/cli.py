@@ -48,13 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name and module_name.startswith(err.name):
-            print(f"deconver {name}: not available in this version ({module_name} is missing)", file=sys.stderr)
-            return 2
-        raise
+    module = importlib.import_module(module_name)
     step = argparse.ArgumentParser(prog=f"deconver {name}", description=help_text)
     module.configure(step)
     args = step.parse_args(rest)

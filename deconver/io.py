@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import platform
@@ -117,3 +118,30 @@ def provenance(device: str | None = None) -> dict[str, Any]:
         "python_version": platform.python_version(),
         "device": device_name(device),
     }
+
+
+def inputs_digest(files: list[Path], options: dict, label=str) -> str:
+    """sha256 of `options` (JSON) and of every file's label (`label(path)`) and bytes: what a step's
+    "already done" check compares with the digest its last output recorded."""
+    h = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    for f in files:
+        h.update(label(Path(f)).encode())
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
+def already_done(record: Path, digest: str, outputs: list[Path], *, touch: Path | None = None) -> dict | None:
+    """The JSON `record` a step wrote last, when it holds `digest` under ``inputs_digest`` and every one of
+    `outputs` exists (the step is done: `touch`, default `record`, is made newer than the inputs again so
+    make-like tools agree, and the record comes back with ``_up_to_date``); else None."""
+    if not record.is_file() or not all(Path(o).is_file() for o in outputs):
+        return None
+    try:
+        old = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(old, dict) or old.get("inputs_digest") != digest:
+        return None
+    os.utime(touch or record)
+    old["_up_to_date"] = True
+    return old

@@ -290,12 +290,10 @@ def register_opaque(layer_type: type, rule: OpaqueRule) -> None:
 
 
 def _opaque_rules() -> dict[type, OpaqueRule]:
+    from deconver.nn.deconver import DeconvMixer
+    from deconver.nn.ndc import NDC
+
     rules = dict(_OPAQUE)
-    try:
-        from deconver.nn.deconver import DeconvMixer
-        from deconver.nn.ndc import NDC
-    except ImportError:  # the network package is optional for counting other models
-        return rules
     rules.setdefault(DeconvMixer, mixer_paper_cost)
     rules.setdefault(NDC, ndc_paper_cost)
     return rules

@@ -66,8 +66,12 @@ class RunSpec:
                 "split": _digest({"train": sorted(train_ids), "val": sorted(val_ids)})}
 
     def model_record(self) -> dict[str, Any]:
-        """model.json: what rebuilds the network from the run folder alone."""
-        return {"name": self.model, "kwargs": self.model_kwargs, "in_channels": self.preset.in_channels,
+        """model.json: what rebuilds the network from the run folder alone, with the resolved keyword
+        arguments (the model's defaults under the study's; `overrides` the study's alone)."""
+        from deconver.registry import model_info
+
+        kwargs = json.loads(json.dumps(model_info(self.model).resolve(self.model_kwargs)))
+        return {"name": self.model, "kwargs": kwargs, "overrides": self.model_kwargs, "in_channels": self.preset.in_channels,
                 "out_channels": self.preset.out_channels, "spatial_dims": self.preset.spatial_dims,
                 "roi_size": list(self.protocol.roi_size), "dataset": self.preset.name}
 

@@ -32,11 +32,23 @@ STATUSES = ("measured", "both_empty", "penalized", "excluded")
 Penalty = float | Literal["diagonal"]
 
 
-def _as_bool(series: pd.Series) -> pd.Series:
+def as_bool(series: pd.Series) -> pd.Series:
+    """An empty-flag column as bools, however the CSV gave it: bools, 'True'/'1'/'yes' strings, 0/1
+    numbers; NaN (a missing flag) is False."""
     if series.dtype == bool:
         return series
-    mapped = series.map(lambda v: v if isinstance(v, (bool, np.bool_)) else str(v).strip().lower() in ("true", "1", "yes"))
-    return mapped.astype(bool)
+
+    def one(v) -> bool:
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+        if isinstance(v, str):
+            return v.strip().lower() in ("true", "1", "yes")
+        try:
+            return bool(v) and not np.isnan(v)
+        except TypeError:
+            return False
+
+    return series.map(one).astype(bool)
 
 
 def _penalty_values(df: pd.DataFrame, penalty: Penalty | Mapping[str, Penalty]) -> pd.Series:
@@ -92,7 +104,7 @@ def apply_rule(df: pd.DataFrame, rule: Literal["penalize", "exclude"] = "penaliz
         raise ValueError(f"metrics table lacks column(s) {missing}")
     out = df.copy()
     raw = pd.to_numeric(out["value"], errors="coerce").astype(float)
-    gt_e, pred_e = _as_bool(out["gt_empty"]), _as_bool(out["pred_empty"])
+    gt_e, pred_e = as_bool(out["gt_empty"]), as_bool(out["pred_empty"])
     metric = out["metric"].astype(str)
     both, one = gt_e & pred_e, gt_e ^ pred_e
     is_sim, is_dist = metric.isin(SIMILARITY_METRICS), metric.isin(DISTANCE_METRICS)

@@ -177,7 +177,7 @@ class Registry:
         call = dict(in_channels=in_channels, out_channels=out_channels, spatial_dims=spatial_dims, roi_size=roi)
         if info.accepts_dataset:
             call["dataset"] = dataset
-        merged = {**info.defaults, **kwargs}
+        merged = info.resolve(kwargs)
         try:
             net = info.builder(**call, **merged)
         except ModelError:

@@ -88,9 +88,13 @@ class ModelInfo:
                     params[key] = param
         return params
 
+    def resolve(self, kwargs: dict | None = None) -> dict[str, Any]:
+        """The keyword arguments the builder gets: the defaults, then `kwargs` (None values dropped)."""
+        return {**self.defaults, **prune(kwargs or {})}
+
     def constraints(self, spatial_dims: int, kwargs: dict | None = None, dataset: str | None = None) -> Constraints:
         """The constraints for these dims, keyword arguments (merged over the defaults) and dataset."""
-        merged = {**self.defaults, **prune(kwargs or {})}
+        merged = self.resolve(kwargs)
         div = self.divisor
         if callable(div):
             call = {**merged, "spatial_dims": spatial_dims, "dataset": dataset}

@@ -22,10 +22,8 @@ A rerun whose inputs and options are unchanged is a no-op.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +32,14 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from deconver.io import atomic_path, provenance, write_json_atomic
+from deconver.io import already_done, atomic_path, inputs_digest, provenance, write_json_atomic
 from deconver.paths import StudyPaths
 from deconver.report.conventions import OUTPUTS as CONVENTION_OUTPUTS
 from deconver.report.conventions import pool_conventions, with_convention
 from deconver.report.learning import learning_check, native_voxels
+from deconver.report.readers import AggregateError, read_complexity, read_evaluation, read_train_log
 from deconver.report.settings import compare_settings
 
-EVAL_COLUMNS = ["study", "dataset", "model", "fold", "case", "region", "metric", "value",
-                "gt_voxels", "pred_voxels", "gt_empty", "pred_empty", "spacing", "unit", "hd_impl"]
 #: Metrics whose per-case values are averaged over regions into a `mean` region.
 REGION_MEAN_METRICS = ("dice", "hd95", "nsd")
 MEAN_REGION = "mean"
@@ -163,101 +160,6 @@ def _manifest_synthetic(manifest: Path) -> bool | None:
     return bool(data.get("synthetic", False)) if isinstance(data, dict) else None
 
 
-# --------------------------------------------------------------------------- reading inputs
-def read_evaluation(path: Path) -> pd.DataFrame:
-    """One run's evaluation.csv with the contract's columns checked (error names the file)."""
-    if not path.is_file():
-        raise AggregateError(f"missing evaluation file: {path}")
-    try:
-        df = pd.read_csv(path, dtype={"case": str, "region": str, "metric": str, "unit": str, "hd_impl": str},
-                         keep_default_na=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise AggregateError(f"{path}: not a readable CSV: {err}") from None
-    missing = [c for c in EVAL_COLUMNS if c not in df.columns]
-    if missing:
-        raise AggregateError(f"{path}: missing columns {missing} (expected {EVAL_COLUMNS})")
-    df["value"] = pd.to_numeric(df["value"], errors="coerce")  # 'inf' / 'nan' strings become floats
-    for col in ("gt_empty", "pred_empty"):
-        df[col] = df[col].map(_as_bool)
-    return df
-
-
-def _as_bool(v) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in {"true", "1", "yes"}
-    return bool(v) if not (isinstance(v, float) and math.isnan(v)) else False
-
-
-def read_complexity(path: Path) -> dict[str, Any]:
-    """The complexity columns of one `<model>.json` (deconver complexity), in report units."""
-    if not path.is_file():
-        raise AggregateError(f"missing complexity file: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AggregateError(f"{path}: not valid JSON: {err}") from None
-    return complexity_row(data, path)
-
-
-def _find(data: dict, *candidates: str):
-    """The first present value among dotted key paths."""
-    for cand in candidates:
-        cur: Any = data
-        for part in cand.split("."):
-            if isinstance(cur, dict) and part in cur:
-                cur = cur[part]
-            else:
-                break
-        else:
-            if cur is not None and not isinstance(cur, dict):
-                return cur
-    return None
-
-
-def _num(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def complexity_row(data: dict, source: Path | str = "<json>") -> dict[str, Any]:
-    """Normalise a complexity record (deconver.complexity.record) to the report's columns: params_m,
-    params_trainable_m, flops_per_voxel_k (flop_counter, 2 FLOPs per MAC, NDC convolutions included),
-    paper_flops_per_voxel_k, latency_ms / train_step_ms (medians), peak_memory_mb / train_peak_memory_mb,
-    device, runtime_roi, repeats, flops_agree and flags (the cross-check's)."""
-    params = _num(_find(data, "params.total", "params_total", "params"))
-    trainable = _num(_find(data, "params.trainable", "params_trainable"))
-    flops_k = _num(_find(data, "flops_per_voxel_k"))
-    paper_k = _num(_find(data, "paper_flops_per_voxel_k", "paper_convention.flops_per_voxel_k"))
-    if math.isnan(params) or math.isnan(flops_k):
-        raise AggregateError(f"{source}: no parameter count (params.total) or flops_per_voxel_k "
-                             f"(keys: {sorted(data)})")
-    flags = data.get("flags") or []
-    return dict(params_m=params / 1e6, params_trainable_m=trainable / 1e6, flops_per_voxel_k=flops_k,
-                paper_flops_per_voxel_k=paper_k,
-                latency_ms=_num(_find(data, "latency_ms.forward", "runtime.forward_ms")),
-                train_step_ms=_num(_find(data, "latency_ms.train_step", "runtime.train_step_ms")),
-                peak_memory_mb=_num(_find(data, "peak_memory_mb.forward", "runtime.forward_peak_mb")),
-                train_peak_memory_mb=_num(_find(data, "peak_memory_mb.train_step", "runtime.train_step_peak_mb")),
-                memory_method=_find(data, "peak_memory_mb.method", "runtime.memory_method"),
-                device=_find(data, "device", "runtime.device_name"),
-                runtime_roi="x".join(str(r) for r in (data.get("runtime") or {}).get("roi") or []) or None,
-                repeats=_find(data, "runtime.repeats"),
-                flops_agree=_find(data, "flops_agree", "cross_check.agree"),
-                flags="; ".join(str(f) for f in flags) if isinstance(flags, list) else str(flags))
-
-
-def read_train_log(path: Path) -> pd.DataFrame:
-    """One run's train_log.csv (error names the file)."""
-    if not path.is_file():
-        raise AggregateError(f"missing training log: {path}")
-    try:
-        return pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise AggregateError(f"{path}: not a readable CSV: {err}") from None
-
-
 # --------------------------------------------------------------------------- the empty-mask rule
 def default_apply_rule() -> Callable:
     """The metrics colleague's rule function (the single implementation of the convention)."""
@@ -349,14 +251,6 @@ def _single(s: pd.Series):
 
 
 # --------------------------------------------------------------------------- the step
-def _digest(files: list[Path], options: dict) -> str:
-    h = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
-    for f in files:
-        h.update(str(f).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: bool = False,
               alt_rules: tuple[str, ...] = ("exclude",)) -> dict[str, Any]:
     """Pool a study's results into `out` (see the module docstring). Returns the aggregate.json content.
@@ -385,17 +279,11 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
     sidecars = [p.with_suffix(".json") for *_, p in eval_files if p.with_suffix(".json").is_file()]  # settings
     inputs = [p for *_, p in eval_files] + sidecars + [p for *_, p in cx_files] + [p for *_, p in logs_present]
     inputs += [m for m in (plan.paths.manifest(ds.name) for ds in plan.datasets) if m.is_file()]
-    digest = _digest(inputs, options)
+    digest = inputs_digest(inputs, options)
     meta_path = out / "aggregate.json"
-    if not force and meta_path.is_file() and all((out / o).is_file() for o in OUTPUTS):
-        try:
-            old = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("inputs_digest") == digest:
-            os.utime(meta_path)  # newer than its inputs again, so make-like tools see it done
-            old["_up_to_date"] = True
-            return old
+    done = None if force else already_done(meta_path, digest, [out / o for o in OUTPUTS])
+    if done is not None:
+        return done
 
     from tqdm.auto import tqdm
 

@@ -16,7 +16,7 @@ from deconver.report import stats as S
 from deconver.report.captions import (FLOPS_SENTENCE, complexity_caption, ds_title, hd_text, rule_text, synthetic_text,
                                       upper_first)
 from deconver.report.convention_tables import REPRODUCTION_COLUMNS, load_conventions, reproduction_columns
-from deconver.report.inputs import Aggregate
+from deconver.report.inputs import Aggregate, to_float
 from deconver.report.tables import Column, Table
 
 
@@ -79,15 +79,15 @@ def dataset_table(agg: Aggregate, dataset: str) -> Table:
             row[f"hd95_{r}"] = _pair(m, "hd95", r)
         if ("dice", primary) in m.index:
             e = m.loc[("dice", primary)]
-            row["dice_fold_mean"] = (float(e["fold_mean"]) * 100, _f(e["fold_std"]) * 100)
+            row["dice_fold_mean"] = (float(e["fold_mean"]) * 100, to_float(e["fold_std"]) * 100)
         for key, metric in (("n_penalized", "dice"), ("n_excluded", "hd95")):
             counts = [int(m.loc[(metric, r), key]) if (metric, r) in m.index else 0 for r in regions]
             row[key] = "/".join(str(c) for c in counts)
         if cx is not None and model in cx.index:
             c = cx.loc[model]
-            row.update(params_m=_f(c["params_m"]), flops_k=_f(c["flops_per_voxel_k"]),
-                       paper_flops_k=_f(c["paper_flops_per_voxel_k"]), latency_ms=_f(c["latency_ms"]),
-                       memory_mb=_f(c["peak_memory_mb"]))
+            row.update(params_m=to_float(c["params_m"]), flops_k=to_float(c["flops_per_voxel_k"]),
+                       paper_flops_k=to_float(c["paper_flops_per_voxel_k"]), latency_ms=to_float(c["latency_ms"]),
+                       memory_mb=to_float(c["peak_memory_mb"]))
         rows.append((model, row))
     n_pen = ", ".join(f"{m} {r['n_penalized']}" for m, r in rows)
     n_exc = ", ".join(f"{m} {r['n_excluded']}" for m, r in rows)
@@ -108,18 +108,11 @@ def dataset_table(agg: Aggregate, dataset: str) -> Table:
                  rows=rows)
 
 
-def _f(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _pair(m: pd.DataFrame, metric: str, region: str, scale: float = 1.0):
     if (metric, region) not in m.index:
         return None
     e = m.loc[(metric, region)]
-    return (_f(e["mean"]) * scale, _f(e["std"]) * scale)
+    return (to_float(e["mean"]) * scale, to_float(e["std"]) * scale)
 
 
 def reproduction_table(agg: Aggregate) -> Table | None:
@@ -136,7 +129,7 @@ def reproduction_table(agg: Aggregate) -> Table | None:
 
         def val(metric, rule, scale=1.0):
             e = s[(s["metric"] == metric) & (s["region"] == primary) & (s.get("rule", rule) == rule)]
-            return _f(e["mean"].iloc[0]) * scale if len(e) else math.nan
+            return to_float(e["mean"].iloc[0]) * scale if len(e) else math.nan
 
         row = dict(data="synthetic" if ds.get("synthetic") else "real",
                    dice_paper=paper["dice"], dice_ours=val("dice", ds["rule"], 100),
@@ -146,8 +139,8 @@ def reproduction_table(agg: Aggregate) -> Table | None:
         if agg.complexity is not None:
             c = agg.complexity[(agg.complexity["dataset"] == name) & (agg.complexity["model"] == ref)]
             if len(c):
-                row.update(params_ours=_f(c["params_m"].iloc[0]), flops_paper_conv=_f(c["paper_flops_per_voxel_k"].iloc[0]),
-                           flops_ours=_f(c["flops_per_voxel_k"].iloc[0]))
+                row.update(params_ours=to_float(c["params_m"].iloc[0]), flops_paper_conv=to_float(c["paper_flops_per_voxel_k"].iloc[0]),
+                           flops_ours=to_float(c["flops_per_voxel_k"].iloc[0]))
         row.update(reproduction_columns(load_conventions(agg.directory), name, ref, primary))
         rows.append((name, row))
         if ds.get("synthetic"):
@@ -235,11 +228,11 @@ def statistics(agg: Aggregate, n_resamples: int = 10_000) -> dict[str, Any]:
                 row: dict[str, Any] = {}
                 if model in b.index:
                     e = b.loc[model]
-                    row.update(n=e["n"], mean=_f(e["mean"]) * scale, lo=_f(e["ci_low"]) * scale, hi=_f(e["ci_high"]) * scale)
+                    row.update(n=e["n"], mean=to_float(e["mean"]) * scale, lo=to_float(e["ci_low"]) * scale, hi=to_float(e["ci_high"]) * scale)
                 if model in w.index:
                     e = w.loc[model]
-                    row.update(n_pairs=e["n"], median_diff=_f(e["median_diff"]) * scale, p=_f(e["p_value"]),
-                               p_holm=_f(e["p_holm"]), verdict=e["verdict"])
+                    row.update(n_pairs=e["n"], median_diff=to_float(e["median_diff"]) * scale, p=to_float(e["p_value"]),
+                               p_holm=to_float(e["p_holm"]), verdict=e["verdict"])
                 elif model == ref:
                     row["verdict"] = "reference"
                 rows.append((model, row))

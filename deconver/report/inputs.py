@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+
+def to_float(v) -> float:
+    """A number read from an input (CSV cell, JSON value) as a float; NaN when it is none."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 class ReportError(RuntimeError):

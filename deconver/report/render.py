@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from deconver.io import write_json_atomic, write_text_atomic
+from deconver.io import already_done, inputs_digest, write_json_atomic, write_text_atomic
 from deconver.paths import StudyPaths
 from deconver.report import stats as S
 from deconver.report.captions import ds_title, synthetic_text
@@ -40,14 +37,6 @@ from deconver.report.objects_section import object_table, settings_notes
 OUTPUT_VERSION = 2  # 2: the ranking section
 
 
-def _digest(files: list[Path], options: dict) -> str:
-    h = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
-    for f in files:
-        h.update(f.name.encode())
-        h.update(Path(f).read_bytes())
-    return h.hexdigest()
-
-
 def report(aggregate_dir: Path, out: Path, force: bool = False, n_resamples: int = 10_000,
            rank_resamples: int = 1000) -> dict[str, Any]:
     """Render the report of one aggregate folder into `out`; returns report.json's content."""
@@ -55,18 +44,13 @@ def report(aggregate_dir: Path, out: Path, force: bool = False, n_resamples: int
 
     agg = load_aggregate(aggregate_dir)
     out = Path(out)
-    digest = _digest(agg.files, dict(version=__version__, output=OUTPUT_VERSION, n_resamples=n_resamples,
-                                     rank_resamples=rank_resamples))
+    digest = inputs_digest(agg.files, dict(version=__version__, output=OUTPUT_VERSION, n_resamples=n_resamples,
+                                          rank_resamples=rank_resamples), label=lambda p: p.name)
     manifest_path = out / "report.json"
-    if not force and manifest_path.is_file() and (out / "report.html").is_file():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("inputs_digest") == digest and all((out / f).is_file() for f in old.get("files", [])):
-            os.utime(out / "report.html")  # newer than the aggregate again, so make-like tools see it done
-            old["_up_to_date"] = True
-            return old
+    if not force:
+        done = already_done(manifest_path, digest, [out / "report.html"], touch=out / "report.html")
+        if done is not None and all((out / f).is_file() for f in done.get("files", [])):
+            return done
 
     written: list[Path] = []
     ds_tables, obj_tables = {}, {}
