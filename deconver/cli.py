@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("deconver.data.prepare", "preprocess a dataset once into the on-disk cache"),
     "split": ("deconver.data.split", "write the fold file of a dataset (kfold, official or the authors' folds)"),
     "protocol": ("deconver.protocol", "print the fully resolved training and evaluation recipe of a dataset"),
+    "calibrate": ("deconver.cost.calibrate", "time each (dataset, model) of a study on this device"),
+    "plan": ("deconver.cost.cli", "a study's runs with predicted time, device-hours and memory"),
     "train": ("deconver.engine.train", "train one (study, dataset, model, fold) run"),
     "predict": ("deconver.engine.predict", "predict a fold's validation cases (or a folder) in native space"),
     "evaluate": ("deconver.metrics.evaluate", "per-case, per-region metrics of a prediction folder"),

@@ -243,6 +243,13 @@ class ComplexitySettings(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class CostSettings(Strict):
+    calibration: str | None = Field(None, description="calibration file for `deconver plan` and the SLURM requests "
+                                    "(default: the study's only <results>/<study>/calibration/*.json)")
+    max_runtime_min: int = Field(1440, gt=0, description="cap of a training job's SLURM time request (minutes); "
+                                 "a longer run is resubmitted and resumes")
+
+
 class Study(Strict):
     """A study: datasets × models × folds, with the seed and the places results go."""
 
@@ -260,6 +267,7 @@ class Study(Strict):
     model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="model -> kwargs, all datasets")
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     complexity: ComplexitySettings = Field(default_factory=ComplexitySettings)
+    cost: CostSettings = Field(default_factory=CostSettings)
 
     @model_validator(mode="after")
     def _check(self):

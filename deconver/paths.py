@@ -79,6 +79,11 @@ class RunFolder:
         return self.dir / "protocol.json"
 
     @property
+    def cost(self) -> Path:
+        """What the run consumed (wall time per attempt, device-hours, peak memory), written by `deconver train`."""
+        return self.dir / "cost.json"
+
+    @property
     def predictions(self) -> Path:
         return self.dir / "predictions"
 
@@ -146,6 +151,13 @@ class StudyPaths:
 
     def train_log(self, dataset: str, model: str, fold: int | str) -> Path:
         return self.run_folder(dataset, model, fold).train_log
+
+    def cost(self, dataset: str, model: str, fold: int | str) -> Path:
+        return self.run_folder(dataset, model, fold).cost
+
+    def calibration(self, device: str) -> Path:
+        """Per-device timings of the study's (dataset, model) pairs (`deconver calibrate`)."""
+        return self.results / "calibration" / f"{device}.json"
 
     def predictions(self, dataset: str, model: str, fold: int | str) -> Path:
         return self.run_folder(dataset, model, fold).predictions

@@ -1,7 +1,7 @@
 """`deconver train`: one (study, dataset, model, fold) run on Lightning, resumable and requeue-safe.
 
 Run folder (docs/ARCHITECTURE.md, "Runs"): ``run.json`` (resolved config + provenance), ``model.json``,
-``protocol.json`` (the recipe of `deconver protocol`),
+``protocol.json`` (the recipe of `deconver protocol`), ``cost.json`` (wall time and memory per attempt),
 ``train_log.csv``, ``checkpoints/{last,best}.ckpt`` and ``final.ckpt``, written last: its presence means
 the run is finished. run.json records the run's fingerprint in parts (configuration incl. the CPU thread
 count, data, split) and its case lists: a rerun whose parts match does nothing (finished) or resumes from
@@ -218,6 +218,9 @@ def train(study: Study | str | Path | dict, dataset: str, model: str, fold: int,
     import torch
 
     from deconver import registry
+    from deconver.cost.estimate import predicted_train_seconds
+    from deconver.cost.record import CostRecorder
+    from deconver.plan import Run
     from deconver.engine.callbacks import RunRecorder
     from deconver.engine.datamodule import SegmentationDataModule, derive_seed
     from deconver.engine.labels import LabelCodec
@@ -236,6 +239,7 @@ def train(study: Study | str | Path | dict, dataset: str, model: str, fold: int,
     data = SegmentationDataModule(prepared, train_ids, val_ids, spec.protocol, spec.preset.spatial_dims,
                                   seed=derive_seed(spec.study.seed, fold))
     recorder = RunRecorder(spec.run_dir, list(codec.names))
+    predicted = predicted_train_seconds(spec.study, Run(dataset, model, fold), spec.paths)
     if resume is not None and _is_rank_zero():
         print(f"resuming {spec.run_dir} from {resume.name}", file=sys.stderr)
     with warnings.catch_warnings():
@@ -243,7 +247,7 @@ def train(study: Study | str | Path | dict, dataset: str, model: str, fold: int,
                         ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"):
             warnings.filterwarnings("ignore", message=message)
         trainer = build_trainer(spec, recorder, progress=progress, has_validation=bool(val_ids),
-                                extra_callbacks=callbacks)
+                                extra_callbacks=[*callbacks, CostRecorder(spec.paths.cost(dataset, model, fold), predicted)])
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     if trainer.global_rank == 0 and _is_rank_zero():
         state = _write_final(spec)

@@ -13,6 +13,8 @@ with `deconver.metrics.empty_rules.apply_rule` (raw values stay raw in the input
 - `complexity.csv` per (dataset, model): parameters, FLOPs per voxel (ours and the paper's convention),
                    latency, peak memory, device (absent when `complexity.activate: false`).
 - `training.csv`   every train_log.csv stacked with dataset, model, fold columns.
+- `cost.csv`       per run with a cost.json: wall time, device-hours, epochs per hour, peak memory and
+                   the predicted training time the run recorded (`deconver.cost.record.cost_rows`).
 - `conventions_*.csv` every metric convention (suite, authors, challenge): `deconver.report.conventions`.
 - `aggregate.json` what the report needs to caption the tables (rules, units, HD95 implementation,
                    synthetic flags, regions, reference model) + the input digest and provenance.
@@ -279,6 +281,7 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
     sidecars = [p.with_suffix(".json") for *_, p in eval_files if p.with_suffix(".json").is_file()]  # settings
     inputs = [p for *_, p in eval_files] + sidecars + [p for *_, p in cx_files] + [p for *_, p in logs_present]
     inputs += [m for m in (plan.paths.manifest(ds.name) for ds in plan.datasets) if m.is_file()]
+    inputs += [p.parent / "cost.json" for *_, p in eval_files if (p.parent / "cost.json").is_file()]
     digest = inputs_digest(inputs, options)
     meta_path = out / "aggregate.json"
     done = None if force else already_done(meta_path, digest, [out / o for o in OUTPUTS])
@@ -359,6 +362,14 @@ def aggregate(plan: Plan, out: Path, apply_rule: Callable | None = None, force: 
         _write_csv(pd.concat(parts, ignore_index=True), out / "training.csv")
     else:
         (out / "training.csv").unlink(missing_ok=True)
+
+    from deconver.cost.record import cost_rows
+
+    cost = cost_rows([(ds.name, m, f, p.parent / "cost.json") for ds, m, f, p in eval_files])
+    if cost:
+        _write_csv(pd.DataFrame(cost), out / "cost.csv")
+    else:
+        (out / "cost.csv").unlink(missing_ok=True)
 
     meta = dict(study=plan.study, results=str(plan.results), reference=plan.reference, seed=plan.seed,
                 complexity=plan.complexity, datasets=ds_meta, alt_rules=list(alt_rules),

@@ -32,7 +32,7 @@ def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None
                 stats_tables: dict[str, list[tuple[str, Table]]], figs: dict[str, list], files: list[str],
                 ranking: dict | None = None, conventions: Table | None = None,
                 protocols: list[tuple[str, str]] = (), obj_tables: dict[str, Table] | None = None,
-                warnings: dict[str, str] | None = None) -> str:
+                warnings: dict[str, str] | None = None, cost: list = ()) -> str:
     """The whole report as one HTML page (PNG figures embedded as base64, so the file stands alone)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, keep_trailing_newline=True)
     meta = agg.meta
@@ -53,4 +53,4 @@ def render_html(agg: Aggregate, ds_tables: dict[str, Table], repro: Table | None
         check=learning.section_html(meta),
         warnings=list(warnings or {}), conventions=conventions.to_html() if conventions is not None else None, protocols=list(protocols),
         repro=repro.to_html() if repro is not None else None, ranks=ranks.to_html() if ranks is not None else None,
-        files=files)
+        cost=[t.to_html() for _, t in cost], files=files)

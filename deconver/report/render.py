@@ -30,6 +30,7 @@ from deconver.report.captions import ds_title, synthetic_text
 from deconver.report.convention_tables import conventions_table, load_conventions, protocol_links
 from deconver.report.contents import (dataset_table, make_figures, models_of, rank_tables, reproduction_table,
                                       statistics)
+from deconver.report.cost_section import cost_tables, read_cost
 from deconver.report.html import render_html
 from deconver.report.inputs import ReportError, load_aggregate
 from deconver.report.objects_section import object_table, settings_notes
@@ -44,7 +45,8 @@ def report(aggregate_dir: Path, out: Path, force: bool = False, n_resamples: int
 
     agg = load_aggregate(aggregate_dir)
     out = Path(out)
-    digest = inputs_digest(agg.files, dict(version=__version__, output=OUTPUT_VERSION, n_resamples=n_resamples,
+    cost_file = agg.directory / "cost.csv"
+    digest = inputs_digest(agg.files + ([cost_file] if cost_file.is_file() else []), dict(version=__version__, output=OUTPUT_VERSION, n_resamples=n_resamples,
                                           rank_resamples=rank_resamples), label=lambda p: p.name)
     manifest_path = out / "report.json"
     if not force:
@@ -102,9 +104,14 @@ def report(aggregate_dir: Path, out: Path, force: bool = False, n_resamples: int
         for f in fl:
             written += [f.png, f.svg]
 
+    cost_df = read_cost(agg.directory)
+    cost = cost_tables(cost_df) if cost_df is not None and len(cost_df) else []
+    for name, t in cost:
+        written += t.write(out / "tables", name).values()
+
     rel = sorted(str(p.relative_to(out)) for p in written)
     page = render_html(agg, ds_tables, repro, ranks, st["tables"], figs, rel, ranking, conventions, protocols,
-                       obj_tables=obj_tables, warnings=warnings)
+                       obj_tables=obj_tables, warnings=warnings, cost=cost)
     manifest = dict(study=agg.meta.get("study"), aggregate=str(agg.directory), inputs_digest=digest,
                     files=rel + ["report.html"], generated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     n_too_few=int((~st["wilcoxon"]["n"].ge(S.MIN_PAIRED_CASES)).sum()) if len(st["wilcoxon"]) else 0)

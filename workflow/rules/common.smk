@@ -16,11 +16,12 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from deconver.config import ConfigError, deep_merge, load_study
-from deconver.engine.distributed import launcher, slurm_train_request
+from deconver.cost.estimate import load_calibration
+from deconver.engine.distributed import devices_per_node, launcher, slurm_train_request
 from deconver.engine.run import check_model_builds
 from deconver.io import output_problem, write_text_atomic
 from deconver.paths import StudyPaths
-from deconver.plan import PlanError, StudyPlan, plan_study
+from deconver.plan import PlanError, Run, StudyPlan, plan_study
 
 
 # --------------------------------------------------------------------------- the study config
@@ -224,6 +225,37 @@ RESOURCES["train"] = {"runtime": RESOURCES["train"]["runtime"],
                       **slurm_train_request(STUDY.trainer, mem_mb_per_task=RESOURCES["train"]["mem_mb"])}
 # `srun …` before the training command inside a SLURM job of several tasks (one process per device).
 TRAIN_LAUNCHER = launcher(STUDY.trainer)
+
+
+# With a calibration (`deconver calibrate`; `cost.calibration`, or the study's only file under
+# <results>/<study>/calibration/), each training job asks for the time and host memory its plan predicts
+# (deconver.cost.estimate.slurm_request: × MARGIN, runtime capped by `cost.max_runtime_min`; a longer
+# run is resubmitted and resumes). Evaluated when the job is ready, with its fold file and cache present.
+def _calibration():
+    try:
+        return load_calibration(STUDY)
+    except ConfigError as err:
+        raise WorkflowError(str(err)) from None
+
+
+CALIBRATION, CALIBRATION_FILE = _calibration()
+
+
+_TRAIN_DEFAULTS = dict(default_runtime_min=RESOURCES["train"]["runtime"],
+                       default_mem_mb=RESOURCES["train"]["mem_mb"] // devices_per_node(STUDY.trainer))
+
+
+def _planned_request(wildcards) -> dict:
+    from deconver.cost.estimate import run_cost, slurm_request
+
+    cost = run_cost(STUDY, Run(wildcards.dataset, wildcards.model, int(wildcards.fold)), CALIBRATION, paths=PATHS)
+    return slurm_request(cost, max_runtime_min=STUDY.cost.max_runtime_min, **_TRAIN_DEFAULTS)
+
+
+if CALIBRATION is not None:
+    RESOURCES["train"].update(
+        runtime=lambda wildcards: _planned_request(wildcards)["runtime"],
+        mem_mb=lambda wildcards: _planned_request(wildcards)["mem_mb"] * devices_per_node(STUDY.trainer))
 
 
 # The `deconver` command run by the interpreter that runs Snakemake (`python -m deconver`), so
