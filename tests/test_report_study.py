@@ -404,8 +404,10 @@ def test_report_html_renders_in_chromium(study, tmp_path):
     m = re.fullmatch(r"IMAGES (\d+)/(\d+) TABLES (\d+)", title.group(1))
     assert m, title.group(1)
     assert m.group(1) == m.group(2) == str(len(imgs)), "an image failed to load in the browser"
-    # dataset tables, reproduction + ranks, Dice + HD95 statistics, 4 ranking tables × (Dice, HD95) per dataset
-    assert int(m.group(3)) == 3 + 2 + 3 * 2 + 3 * 8
+    # dataset tables, reproduction + ranks, Dice + HD95 statistics, 4 ranking tables × (Dice, HD95) per dataset,
+    # the learning self-check and the metric conventions
+    assert "id='self-check'" in text and "id='conventions'" in text
+    assert int(m.group(3)) == 3 + 2 + 3 * 2 + 3 * 8 + 1 + 1
     with Image.open(shot) as im:
         arr = np.asarray(im.convert("RGB"), dtype=float)
     assert arr.shape[:2] == (2000, 1280)

@@ -89,7 +89,7 @@ def test_dropped_in_model_joins_the_study(smoke_run, tmp_path):
         assert table_models(work / "reports" / "smoke" / "tables" / f"{d}.csv") == ["deconver", "tiny_dropin", "unet"]
 
 
-BROKEN_MODEL = '''"""A model whose builder fails: the failing-job test of the workflow."""
+BROKEN_BUILDER = '''"""A model whose builder fails: stopped before any job."""
 from deconver.registry import register_model
 
 
@@ -98,19 +98,51 @@ def broken_net(in_channels, out_channels, spatial_dims, roi_size):
     raise RuntimeError("deliberately broken builder")
 '''
 
+BROKEN_FORWARD = '''"""A model that builds but fails in its first training step: the failing-job test."""
+import torch
 
-def test_failing_job_is_reported_with_its_log(smoke_roots, tmp_path):
-    """A job that fails stops the run with Snakemake's error naming the rule, the job and its log;
-    the log holds the step's own message."""
+from deconver.registry import register_model
+
+
+class Broken(torch.nn.Conv2d):
+    def forward(self, x):
+        raise RuntimeError("deliberately broken forward")
+
+
+@register_model("broken_net", dims=(2, 3), source="test")
+def broken_net(in_channels, out_channels, spatial_dims, roi_size):
+    return Broken(in_channels, out_channels, 1)
+'''
+
+
+def _broken_study(smoke_roots, tmp_path, source):
     work = tmp_path / "work"
     cfg = smoke_config(models=["broken_net"], model_dirs=["my_models"], complexity={"activate": False})
     cfg["datasets"] = {"glas": cfg["datasets"]["glas"]}
     study = write_study(work, cfg, roots={"glas": smoke_roots["glas"]})
     (work / "my_models").mkdir()
-    (work / "my_models" / "broken_net.py").write_text(BROKEN_MODEL)
+    (work / "my_models" / "broken_net.py").write_text(source)
+    return work, study
+
+
+def test_broken_builder_stops_before_any_job(smoke_roots, tmp_path):
+    """A builder that raises stops the workflow while the DAG is built, naming the model, the dataset and
+    the file, before any job starts."""
+    work, study = _broken_study(smoke_roots, tmp_path, BROKEN_BUILDER)
+    out = run_snakemake("--cores", "2", "--configfile", study, "--directory", work, check=False, timeout=600)
+    assert out.returncode != 0
+    assert "model 'broken_net' on dataset 'glas'" in out.stdout and "deliberately broken builder" in out.stdout
+    assert "broken_net.py" in out.stdout and "Error in rule" not in out.stdout, out.stdout[-3000:]
+    assert not (work / "results" / "smoke" / "runs").exists()
+
+
+def test_failing_job_is_reported_with_its_log(smoke_roots, tmp_path):
+    """A job that fails stops the run with Snakemake's error naming the rule, the job and its log;
+    the log holds the step's own message."""
+    work, study = _broken_study(smoke_roots, tmp_path, BROKEN_FORWARD)
     out = run_snakemake("--cores", "2", "--configfile", study, "--directory", work, check=False, timeout=600)
     assert out.returncode != 0
     log = "results/smoke/logs/train/glas/broken_net/fold0.log"
     assert "Error in rule train:" in out.stdout and f"log: {log}" in out.stdout, out.stdout[-3000:]
-    assert "deliberately broken builder" in (work / log).read_text()
+    assert "deliberately broken forward" in (work / log).read_text()
     assert not (work / "results" / "smoke" / "runs" / "glas" / "broken_net" / "fold0" / "final.ckpt").exists()

@@ -38,7 +38,7 @@ def test_smoke_study_on_slurm(slurm_cluster, smoke_roots, tmp_path):
                           stderr=subprocess.STDOUT, timeout=600)
     out = proc.stdout
     assert proc.returncode == 0, out[-6000:]
-    assert "Using profile slurm" in out
+    assert re.search(r"Using profiles? slurm", out)  # (and the workflow profile profiles/default)
 
     # every compute job went through sbatch; the light steps ran on the submitting node
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", out)
