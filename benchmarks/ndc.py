@@ -257,7 +257,7 @@ def environment(args) -> dict:
         pass
     if args.device == "cuda":
         sys.path.insert(0, str(ROOT))
-        from deconver.nn.ndc import _triton_kernels
+        from deconver.nn.ndc_update import _triton_kernels
 
         info["gpu"] = torch.cuda.get_device_name(0)
         info["ndc_fused"] = _triton_kernels() is not None and info["DECONVER_NDC_FUSED"] != "0"

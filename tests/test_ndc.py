@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from deconver.nn import NDC, NDCUpdate
-from deconver.nn.ndc import (
-    _batched_conv,
+from deconver.nn.ndc import _batched_conv
+from deconver.nn.ndc_ops import (
     adjoint_weight,
     ndc_adjoint,
     ndc_forward_op,

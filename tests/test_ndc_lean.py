@@ -144,11 +144,10 @@ def test_lean_computes_channels_last_on_cpu(dims):
 )
 def test_depthwise_k_by_slabs_matches_grouped_convolution(dims, size, sc, kernel, slabs, monkeypatch):
     """The CPU channels-last K (depth-wise convolution + sum, in slabs) equals the grouped one."""
-    from deconver.nn.ndc import _k_op, ndc_forward_op
+    import deconver.nn.ndc_ops as ndc_ops
+    from deconver.nn.ndc_ops import _k_op, ndc_forward_op
 
-    import deconver.nn.ndc as ndc
-
-    monkeypatch.setattr(ndc, "_SLAB_BYTES", 0 if slabs else 2**40)
+    monkeypatch.setattr(ndc_ops, "_SLAB_BYTES", 0 if slabs else 2**40)
     torch.manual_seed(10)
     fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
     s = torch.rand(2, 6 * sc, *size, dtype=torch.float64).contiguous(memory_format=fmt)
@@ -161,7 +160,7 @@ def test_depthwise_k_by_slabs_matches_grouped_convolution(dims, size, sc, kernel
 @pytest.mark.parametrize("groups,m,sc", [(8, 1, 4), (8, 1, 1), (4, 2, 3), (16, 1, 2), (2, 4, 4)])
 def test_merged_filter_gradient_matches_autograd(groups, m, sc):
     """Filter gradients taken with merged (block-diagonal) groups equal autograd's."""
-    from deconver.nn.ndc import _adjoint_filter_grad, _wgrad_merge
+    from deconver.nn.ndc_ops import _adjoint_filter_grad, _wgrad_merge
 
     torch.manual_seed(11)
     c = groups * m
@@ -175,7 +174,7 @@ def test_merged_filter_gradient_matches_autograd(groups, m, sc):
 
 @pytest.mark.parametrize("dims", [2, 3])
 def test_channels_last_projection_matches_convolution(dims):
-    from deconver.nn.ndc import pointwise_conv, project_channels_last
+    from deconver.nn.ndc_ops import pointwise_conv, project_channels_last
 
     torch.manual_seed(12)
     fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
@@ -196,11 +195,11 @@ def test_backward_from_output_or_projection_matches_reference(nonnegative, num_i
     """With x >= 0 the node keeps its output instead of z and recovers s = out * D / N in backward
     (one source-sized tensor less); with a negative input (N may vanish) it keeps z. Both give the
     float64 reference's gradients."""
-    import deconver.nn.ndc as ndc
+    import deconver.nn.ndc_update as ndc_update
 
     calls = []
-    original = ndc._lean_backward
-    monkeypatch.setattr(ndc, "_lean_backward", lambda *a: calls.append(a[8]) or original(*a))
+    original = ndc_update._lean_backward
+    monkeypatch.setattr(ndc_update, "_lean_backward", lambda *a: calls.append(a[8]) or original(*a))
     torch.manual_seed(12)
     layer = NDC(6, 3, ratio=2, num_iters=num_iters, spatial_dims=3).double()
     x = torch.rand(2, 6, 5, 4, 6, dtype=torch.float64)

@@ -12,8 +12,9 @@ import torch
 pytest.importorskip("triton")
 
 from deconver.nn import NDC  # noqa: E402
-from deconver.nn import ndc as ndc_module  # noqa: E402
-from deconver.nn.ndc import NDCUpdate, ndc_adjoint  # noqa: E402
+from deconver.nn import ndc_update as ndc_module  # noqa: E402
+from deconver.nn.ndc_ops import ndc_adjoint  # noqa: E402
+from deconver.nn.ndc_update import NDCUpdate  # noqa: E402
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # without a GPU: interpreted (tests/conftest.py)

@@ -5,7 +5,8 @@ memory-lean custom autograd node :class:`NDCUpdate`) or ``impl="reference"`` (th
 formulation); see docs/nn.md.
 """
 from deconver.nn.deconver import DeconvMixer, Deconver, DeconverBlock
-from deconver.nn.ndc import NDC, NDCUpdate
+from deconver.nn.ndc import NDC
+from deconver.nn.ndc_update import NDCUpdate
 from deconver.nn.presets import PRESETS
 
 __all__ = ["NDC", "NDCUpdate", "DeconvMixer", "DeconverBlock", "Deconver", "PRESETS"]

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from deconver.nn.ndc import IMPLEMENTATIONS, NDC, _as_kernel, pointwise_conv
+from deconver.nn.ndc import IMPLEMENTATIONS, NDC, _as_kernel
+from deconver.nn.ndc_ops import pointwise_conv
 from deconver.nn.presets import PRESETS
 
 __all__ = ["DeconvMixer", "DeconverBlock", "Deconver"]

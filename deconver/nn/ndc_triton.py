@@ -1,6 +1,6 @@
 """Fused Triton kernels of one NDC update for depth-wise filters (the paper's configuration), float32.
 
-Used by :class:`deconver.nn.ndc.NDCUpdate` on CUDA for depth-wise filters (``G = C``), float32, with
+Used by :class:`deconver.nn.ndc_update.NDCUpdate` on CUDA for depth-wise filters (``G = C``), float32, with
 Triton installed (``DECONVER_NDC_FUSED=0``: off). Notation of :mod:`deconver.nn.ndc`: ``x`` ``(B, C, *S)``,
 pre-activation ``z`` ``(B, C*sc, *S)``, filter ``h`` ``(C, sc, *k)``; 1D/2D run as 3D with unit axes.
 Every kernel runs one program per (sample, channel ``c``) and block of voxels, reads the group's ``sc``

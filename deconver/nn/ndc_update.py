@@ -1,0 +1,178 @@
+"""NDCUpdate: one NDC multiplicative update as a single memory-lean autograd node (the ``"lean"`` layer).
+
+Forward ``s * (A(x) + eps) / (A(K(s)) + eps)`` with ``s = relu(z)``; only ``x``, the output (or ``z``)
+and ``K(s)`` are kept, ``A(x)`` and ``A(K(s))`` are recomputed in backward. On CUDA, for a depth-wise
+float32 layer, the node runs the fused Triton kernels of :mod:`deconver.nn.ndc_triton`
+(``DECONVER_NDC_FUSED=0`` turns them off); elsewhere the grouped convolutions of
+:mod:`deconver.nn.ndc_ops`. Notation: :mod:`deconver.nn.ndc`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+from deconver.nn.ndc_ops import (
+    _adjoint_filter_grad,
+    _conv_like,
+    _filter_grad_from_adjoint,
+    _is_fake,
+    _k_op,
+    _like_layout,
+    adjoint_weight,
+)
+
+__all__ = ["NDCUpdate"]
+
+_FUSED_DEVICE_TYPES = ("cuda",)  # where NDCUpdate runs the Triton kernels of deconver.nn.ndc_triton
+
+
+@functools.cache
+def _triton_kernels():
+    """deconver.nn.ndc_triton, or None where Triton is not installed."""
+    try:
+        from deconver.nn import ndc_triton
+    except ImportError:
+        return None
+    return ndc_triton
+
+
+def _use_fused(x: Tensor, z: Tensor, h: Tensor, groups: int) -> bool:
+    """Whether :class:`NDCUpdate` runs the fused Triton kernels: CUDA, depth-wise, float32, Triton
+    installed, and not turned off by ``DECONVER_NDC_FUSED=0``."""
+    if x.device.type not in _FUSED_DEVICE_TYPES or os.environ.get("DECONVER_NDC_FUSED", "1") == "0" or _is_fake(x):
+        return False
+    kernels = _triton_kernels()
+    return kernels is not None and kernels.supported(x, z, h, groups)
+
+
+def _lean_update_forward(
+    x: Tensor, z: Tensor, h: Tensor, groups: int, eps: float, relu_input: bool
+) -> tuple[Tensor, Tensor]:
+    """``(s * (A(x) + eps) / (A(K(s)) + eps), K(s))`` with ``s = relu(z)`` (or ``z``).
+
+    Full-size (source-sized) allocations: ``s`` (which becomes the output), ``A(x)`` and ``A(K(s))``;
+    at most two of them alive at a time.
+    """
+    wa = adjoint_weight(h, groups).contiguous()
+    s = torch.relu(z) if relu_input else z
+    t1 = _k_op(s, h, groups)
+    num = _conv_like(_like_layout(x, z), wa, groups).add_(eps)
+    out = s.mul_(num) if relu_input else num.mul_(s)  # s * num (``s`` is ours when relu_input)
+    del num
+    out.div_(_conv_like(t1, wa, groups).add_(eps))
+    return out, t1
+
+
+def _lean_backward(g: Tensor, x: Tensor, saved: Tensor, h: Tensor, t1: Tensor, groups: int, eps: float,
+                   relu_input: bool, from_output: bool, need_x: bool, need_z: bool, need_h: bool):
+    """Gradients ``(dL/dx, dL/dz, dL/dh)`` of one unfused :class:`NDCUpdate`.
+
+    ``saved`` is ``z`` or, with ``from_output`` (valid when ``N = A(x) + eps > 0``), the update's output
+    ``out = s * N / D``: then ``s / D = out / N``, ``s = out / R`` with ``R = N / D``, and ReLU's mask is
+    ``out > 0``. Two source-sized work buffers; each is freed before the next one is made.
+    """
+    g = _like_layout(g, saved)
+    x = _like_layout(x, saved)  # a temporary copy if the caller's x has another layout
+    wa = adjoint_weight(h, groups).contiguous()
+    gx = gz = gwa = None
+    inv_d = _conv_like(t1, wa, groups).add_(eps).reciprocal_()  # 1 / D
+    num = _conv_like(x, wa, groups).add_(eps)  # N
+    if from_output:
+        r = inv_d.mul_(num)  # R = N / D
+        w = num.reciprocal_().mul_(saved)  # s / D = out / N
+    else:
+        r = num.mul_(inv_d)  # R = N / D
+        w = inv_d.mul_(saved)  # s / D; with D > 0 (h >= 0) relu commutes with the positive factor
+        if relu_input:
+            w.clamp_min_(0)
+    del inv_d, num
+    w.mul_(g)  # dL/dA(x) = g * s / D
+    if need_h:
+        gwa = _adjoint_filter_grad(x, w, wa, groups)
+    del x
+    if need_x:
+        gx = _k_op(w, h, groups)  # A^T = K
+    gd = w.mul_(r).neg_()  # dL/dA(t1) = -g * s * N / D^2 = -w * R
+    gt1 = _k_op(gd, h, groups)  # dL/dt1
+    if need_h:
+        gwa.add_(_adjoint_filter_grad(t1, gd, wa, groups))
+        if from_output:
+            s = torch.div(saved, r, out=gd)  # s = out / R
+        else:
+            s = torch.clamp(saved, min=0, out=gd) if relu_input else saved
+        gwa.add_(_adjoint_filter_grad(gt1, s, wa, groups))  # <gt1, K(s)> = <A(gt1), s>
+        del s
+    del w, gd  # the first buffer: freed before the third one below
+    if need_z:
+        p = r.mul_(g)  # dL/ds, direct term: g * N / D
+        b3 = _conv_like(gt1, wa, groups)
+        p.add_(b3)  # + K^T(dL/dt1)
+        if relu_input:  # relu's derivative: 1 where z > 0, i.e. where relu(z) > 0 and where out > 0
+            p.mul_(torch.clamp(saved, min=0, out=b3).sign_())
+        gz = p
+    gh = _filter_grad_from_adjoint(gwa, h, groups) if need_h else None
+    return gx, gz, gh
+
+
+class NDCUpdate(torch.autograd.Function):
+    """One NDC multiplicative update as a single autograd node (the ``"lean"`` implementation).
+
+    ``NDCUpdate.apply(x, z, h, groups, eps, relu_input)`` returns
+    ``s * (A(x) + eps) / (A(K(s)) + eps)`` with ``s = relu(z)`` if ``relu_input`` else ``s = z``;
+    ``x``: ``(B, C, *S)``; ``z``: ``(B, G*sc, *S)`` (the pre-activation projection, bias included, for
+    the first update; the previous iterate for later ones); ``h``: the rectified filter ``(C, sc, *k)``,
+    which must be nonnegative (the backward relies on ``A(K(s)) + eps > 0``). The computation runs in
+    the memory layout of ``z``; ``x`` is converted to it on the fly if needed (a temporary copy).
+
+    Saved for backward: ``x``, ``z`` and ``K(s)`` (plus the small ``h``); with ``x >= 0`` and ``eps > 0``
+    the output replaces ``z`` (``s = out * D / N``, see :func:`_lean_backward`; the fused kernels do the
+    same), so the caller must not modify the output in place. ``A(x)``
+    and ``A(K(s))`` are recomputed in backward. Not twice differentiable.
+
+    Cost (for FLOP counters; the class name is stable: TorchScript/fvcore see this node as
+    ``prim::PythonOp`` named ``NDCUpdate``, fvcore's handle key ``"prim::PythonOp.NDCUpdate"``):
+    per voxel and sample, ``K(s)`` is ``C * sc * k^d`` MACs and ``A(x)`` and ``A(K(s))`` are the same
+    each, i.e. ``3 * C * sc * k^d`` MACs forward (:func:`ndc_update_macs`), plus about five
+    element-wise operations per source element (``G * sc`` per voxel). Backward: two recomputed
+    adjoints, three convolutions for input gradients and three filter-gradient reductions of the same
+    size (about ``8 * C * sc * k^d`` MACs per voxel).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, z: Tensor, h: Tensor, groups: int, eps: float, relu_input: bool):
+        ctx.fused = _use_fused(x, z, h, groups)
+        if ctx.fused:
+            x, z, h = x.contiguous(), z.contiguous(), h.contiguous()
+            out, t1 = _triton_kernels().update_forward(x, z, h, eps, relu_input)
+        else:
+            out, t1 = _lean_update_forward(x, z, h, groups, eps, relu_input)
+        # With x >= 0 (the mixer's ReLU gives it) and eps > 0, N = A(x) + eps > 0, so s = out * D / N
+        # can be recovered in backward: keep the output (alive anyway: the next layer holds it)
+        # instead of z, one source-sized tensor less over the layer's lifetime (both paths).
+        ctx.from_output = eps > 0 and not _is_fake(x) and bool(x.min() >= 0)  # fake: shapes only
+        if ctx.from_output:
+            z = out
+        ctx.save_for_backward(x, z, h, t1)
+        ctx.cfg = (groups, eps, relu_input)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "NDCUpdate (the lean NDC implementation) is not twice differentiable; "
+                "use impl='reference' for higher-order gradients"
+            )
+        x, z, h, t1 = ctx.saved_tensors
+        groups, eps, relu_input = ctx.cfg
+        need_x, need_z, need_h = ctx.needs_input_grad[:3]
+        if ctx.fused:
+            gx, gz, gh = _triton_kernels().update_backward(g, x, z, h, t1, eps, relu_input, need_x, need_z, need_h,
+                                                           from_output=ctx.from_output)
+            return gx, gz, gh, None, None, None
+        gx, gz, gh = _lean_backward(g, x, z, h, t1, groups, eps, relu_input, ctx.from_output, need_x, need_z, need_h)
+        return gx, gz, gh, None, None, None
