@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,64 +46,30 @@ REPO = Path(__file__).resolve().parents[1]
 PRESETS = ("hippocampus", "isles22", "brats23", "glas", "fives")
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-PRECISIONS = ("32", "bf16-mixed")
-_AUTOCAST = {"bf16-mixed": "bfloat16"}  # Lightning's bf16-mixed: forward and loss under autocast
+PRECISIONS = ("32", "bf16-mixed")  # bf16-mixed: forward and loss under autocast (deconver.cost.measure.AUTOCAST)
 
 
 def child(model: str, preset_name: str, steps: int, batch: str, device: str, kwargs: dict | None = None,
           precision: str = "32", profile: bool = False, mode: str = "time", threads: int | None = None) -> dict:
     """One (model, preset, kwargs, precision) measurement, in this process: ``mode="time"`` (time per
     step, FLOPs, profile) or ``"memory"`` (CPU: peak resident-set growth over one step after a warm-up)."""
-    from contextlib import nullcontext
-
     import torch
 
     from deconver import registry
     from deconver.complexity import flop_counter_count
     from deconver.config import load_preset
-    from deconver.engine.labels import LabelCodec
-    from deconver.engine.module import SegmentationModule
+    from deconver.cost.measure import peak_rss_mb, train_step_fn
 
     kwargs = kwargs or {}
     allocated_before = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
     if threads:
         torch.set_num_threads(threads)
     preset = load_preset(preset_name)
-    p = preset.protocol
-    roi = tuple(p.roi_size)
-    b = p.batch_size if batch == "preset" else int(batch)
+    roi = tuple(preset.protocol.roi_size)
+    b = preset.protocol.batch_size if batch == "preset" else int(batch)
     b = max(b, registry.model_info(model).min_batch)  # e.g. BatchNorm on a 1 x 1 map needs 2
-    torch.manual_seed(0)
-    net = registry.create_model(model, in_channels=preset.in_channels, out_channels=preset.out_channels,
-                                spatial_dims=preset.spatial_dims, roi_size=roi, dataset=preset.name, **kwargs)
-    module = SegmentationModule(net, LabelCodec.from_preset(preset), p).to(device)
-    module.train()
-    optimizer = module.configure_optimizers()
-    values = [v for vals in preset.labels.values() for v in vals]
-    batch_data = {"image": torch.randn(b, preset.in_channels, *roi, device=device),
-                  "label": torch.tensor(values, dtype=torch.uint8)[torch.randint(0, len(values), (b, 1, *roi))]
-                  .to(device) * (torch.rand(b, 1, *roi, device=device) > 0.7)}
-    dtype = _AUTOCAST.get(precision)
-    autocast = (lambda: torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))) if dtype else nullcontext
-
-    def step() -> float:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = module.training_step(batch_data, 0)
-        loss.backward()
-        optimizer.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    module.log = lambda *a, **k: None  # no trainer attached: logging is a no-op here
+    # the engine's own training step (the preset's loss, backward, AdamW), as `deconver calibrate` times it
+    step, net, _, optimizer = train_step_fn(model, preset, kwargs, batch=b, device=device, precision=precision)
     out = {"model": model, "preset": preset_name, "kwargs": kwargs, "precision": precision, "roi": list(roi),
            "batch_size": b, "device": device, "threads": torch.get_num_threads(),
            "params": sum(x.numel() for x in net.parameters())}
@@ -117,7 +82,7 @@ def child(model: str, preset_name: str, steps: int, batch: str, device: str, kwa
     flops = flop_counter_count(net, (b, preset.in_channels, *roi), fake=True, device=device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    rss_before = _rss_mb()
+    rss_before = peak_rss_mb()
     warmup = step()
     cpu0 = time.process_time()
     times = [step() for _ in range(steps)]
@@ -130,8 +95,8 @@ def child(model: str, preset_name: str, steps: int, batch: str, device: str, kwa
         out["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["cuda_allocated_before_mb"] = allocated_before / 2**20
     else:  # the driver replaces it with the memory child's figure
-        out["peak_rss_mb"] = _rss_mb()
-        out["peak_memory_mb"] = _rss_mb() - rss_before
+        out["peak_rss_mb"] = peak_rss_mb()
+        out["peak_memory_mb"] = peak_rss_mb() - rss_before
     if profile:
         from ndc import profile_top  # benchmarks/ndc.py, beside this file
 

@@ -2,6 +2,8 @@
 
 Each step lives in its own module, which defines `configure(parser)` (adds the step's arguments)
 and `run(args) -> int`. Modules are imported only when their subcommand runs, so `--help` is fast.
+Every step exits under one rule (`deconver.steps`): 0 done or already done, 1 failed while running,
+2 a usage or configuration error.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import importlib
 import sys
 
 from deconver import __version__
+from deconver.steps import USAGE, run_step
 
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -47,23 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv or ["--help"])  # prints help / version / the error and exits
-        return 2
+        return USAGE
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
     step = argparse.ArgumentParser(prog=f"deconver {name}", description=help_text)
     module.configure(step)
-    args = step.parse_args(rest)
-    try:
-        return int(module.run(args) or 0)
-    except OSError as err:  # a full disk or a read-only results folder: one line, not a traceback
-        from deconver.io import output_problem
-
-        problem = output_problem(err)
-        if problem is None:
-            raise
-        print(f"deconver {name}: error: {problem}", file=sys.stderr)
-        return 1
+    args = step.parse_args(rest)  # a bad or missing flag: argparse prints it and exits 2
+    return run_step(name, module.run, args)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deconver.steps import UsageError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = REPO_ROOT / "config" / "datasets"
 
 
-class ConfigError(ValueError):
-    """A configuration file or value is invalid; the message names the file and the key."""
+class ConfigError(UsageError):
+    """A configuration file or value is invalid; the message names the file and the key (a usage error: exit 2)."""
 
 
 # A name that becomes one folder of the results layout (study, dataset): letters, digits, `_.-`,

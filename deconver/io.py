@@ -120,6 +120,16 @@ def provenance(device: str | None = None) -> dict[str, Any]:
     }
 
 
+def read_record(path: str | Path) -> dict | None:
+    """The JSON object a step wrote at `path` (a record, a sidecar, a manifest); None when it is absent,
+    unreadable or not an object: what every "already done" check starts from."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def inputs_digest(files: list[Path], options: dict, label=str) -> str:
     """sha256 of `options` (JSON) and of every file's label (`label(path)`) and bytes: what a step's
     "already done" check compares with the digest its last output recorded."""
@@ -134,13 +144,10 @@ def already_done(record: Path, digest: str, outputs: list[Path], *, touch: Path 
     """The JSON `record` a step wrote last, when it holds `digest` under ``inputs_digest`` and every one of
     `outputs` exists (the step is done: `touch`, default `record`, is made newer than the inputs again so
     make-like tools agree, and the record comes back with ``_up_to_date``); else None."""
-    if not record.is_file() or not all(Path(o).is_file() for o in outputs):
+    if not all(Path(o).is_file() for o in outputs):
         return None
-    try:
-        old = json.loads(record.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(old, dict) or old.get("inputs_digest") != digest:
+    old = read_record(record)
+    if old is None or old.get("inputs_digest") != digest:
         return None
     os.utime(touch or record)
     old["_up_to_date"] = True

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from deconver.config import REPO_ROOT, ConfigError, Study, load_study
+from deconver.config import REPO_ROOT, Study, load_study
 
 DEFAULT_STUDY = REPO_ROOT / "config" / "paper.yaml"
 
@@ -160,12 +159,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconver.data import DatasetError
-
-    try:
-        recipe = resolve_protocol(args.config, args.dataset, args.model)
-    except (ConfigError, DatasetError) as err:
-        print(f"deconver protocol: error: {err}", file=sys.stderr)
-        return 1
+    recipe = resolve_protocol(args.config, args.dataset, args.model)
     print(json.dumps(recipe, indent=2) if args.json else format_protocol(recipe))
     return 0

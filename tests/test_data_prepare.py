@@ -259,7 +259,7 @@ def test_cli_synth_prepare_split_from_a_study(tmp_path, capsys):
         "datasets": {"glas": {"preset": "glas", "root": str(root), "synthetic": True, "synth_cases": 5}},
     }))
     args = ["--config", str(config), "--dataset", "glas"]
-    assert main(["prepare", *args]) == 1
+    assert main(["prepare", *args]) == 2  # a dataset root the study names does not exist: a configuration error
     assert "deconver synth" in capsys.readouterr().err  # the synthetic root is written by its own step
     assert main(["synth", *args]) == 0
     assert (root / "SYNTHETIC.txt").is_file() and len(list(root.glob("*_anno.bmp"))) == 5
@@ -284,9 +284,9 @@ def test_cli_prepare_by_hand_and_errors(roots, tmp_path, capsys):
     out = tmp_path / "prep"
     assert main(["prepare", "--preset", "glas", "--root", str(roots["glas"]), "--out", str(out), "--no-progress"]) == 0
     assert PreparedDataset(out).preset_name == "glas"
-    assert main(["prepare", "--preset", "glas", "--root", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
+    assert main(["prepare", "--preset", "glas", "--root", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert f"{tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
-    assert main(["prepare", "--preset", "glas"]) == 1
+    assert main(["prepare", "--preset", "glas"]) == 2
     assert "--root" in capsys.readouterr().err
 
 

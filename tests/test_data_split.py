@@ -106,5 +106,8 @@ def test_cli_kfold_noop_and_refusals(tmp_path, capsys):
     assert main([*args[:-1], "10"]) == 0 and json.loads(out.read_text())["seed"] == 10
     assert main(["split", "--prepared", str(tmp_path / "prep"), "--out", str(out), "--method", "official"]) == 1
     assert "no official split" in capsys.readouterr().err
-    assert main(["split", "--prepared", str(tmp_path / "nothing"), "--out", str(out)]) == 1
+    assert main(["split", "--prepared", str(tmp_path / "nothing"), "--out", str(out)]) == 2  # a named input
+    assert f"--prepared: {tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
+    (tmp_path / "nothing").mkdir()
+    assert main(["split", "--prepared", str(tmp_path / "nothing"), "--out", str(out)]) == 1  # not a cache
     assert "manifest.json not found" in capsys.readouterr().err

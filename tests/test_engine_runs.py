@@ -319,7 +319,7 @@ def test_bad_cli_values_fail_naming_the_flag_or_key(synthetic, tmp_path, capfd):
         train(study, "isles22", "unet", 0)
     cfg = _write(_study(synthetic), tmp_path / "study.yaml")
     capfd.readouterr()
-    assert cli(["train", "--config", str(cfg), "--dataset", "isles22", "--model", "unet", "--fold", "7"]) == 1
+    assert cli(["train", "--config", str(cfg), "--dataset", "isles22", "--model", "unet", "--fold", "7"]) == 2  # a usage error
     assert "--fold" in capfd.readouterr().err
     assert not (tmp_path / "results" / "eng" / "runs").exists()
 

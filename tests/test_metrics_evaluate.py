@@ -222,9 +222,9 @@ def test_real_isles22_case_against_monai(tmp_path):
 
 
 def test_pipeline_mode_arguments_are_checked(tmp_path, capsys):
-    assert main(["evaluate", "--config", str(tmp_path / "missing.yaml"), "--dataset", "d"]) == 1
+    assert main(["evaluate", "--config", str(tmp_path / "missing.yaml"), "--dataset", "d"]) == 2
     assert "--model" in capsys.readouterr().err
-    assert main(["evaluate", "--pred-dir", str(tmp_path)]) == 1
+    assert main(["evaluate", "--pred-dir", str(tmp_path)]) == 2
     assert "--gt-dir" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 

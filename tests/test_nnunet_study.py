@@ -127,8 +127,8 @@ def test_preset_command_prints_a_valid_commented_preset(tmp_path, capsys):
     assert preset.protocol.roi_size == [int(m // 16 * 16) for m in median]
     assert preset.protocol.batch_size == 2  # 5 % of eight ~5,000-pixel images is far below one crop
 
-    assert cli(["preset", "--from", str(tmp_path / "nowhere")]) == 1
-    assert "dataset root" in capsys.readouterr().err
+    assert cli(["preset", "--from", str(tmp_path / "nowhere")]) == 2  # a usage error: the named folder is not there
+    assert f"--from: {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
 
 
 def test_ct_channels_get_clip_and_zscore(tmp_path, capsys):

@@ -39,7 +39,7 @@ def test_listing_and_model(capsys):
                     "validation:", "checkpoint:", "inference:", "postprocessing:", "label_decoding:", "metrics:",
                     "split:", "  variant: brats23", "val_sizes: [251, 250, 250, 250, 250]"):
         assert section in out, section
-    assert cli(["protocol", "--dataset", "nope"]) == 1
+    assert cli(["protocol", "--dataset", "nope"]) == 2
     assert "dataset 'nope' is not in study 'paper'" in capsys.readouterr().err
 
 

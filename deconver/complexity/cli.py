@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from deconver.steps import UsageError
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="study config: measure (dataset, model) of the study and write "
@@ -56,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a model is flagged")
 
 
-class ComplexityError(ValueError):
+class ComplexityError(UsageError):
     """An invalid complexity request (unknown dataset/model, model that does not fit the roi)."""
 
 
@@ -192,12 +194,10 @@ def _emit(args, records: list[dict[str, Any]], table: bool) -> None:
 
 def _run_study(args) -> int:
     from deconver.config import load_study
-    from deconver.io import provenance, write_json_atomic
+    from deconver.io import provenance, read_record, write_json_atomic
     from deconver.paths import StudyPaths
     from deconver.plan import check_pair
 
-    if not args.model:
-        raise ComplexityError("--config needs --model (the study's model to measure)")
     study = load_study(args.config)
     preset = study.preset(args.dataset)
     kwargs = {**study.model_kwargs(args.dataset, args.model), **_parse_overrides(args.overrides)}
@@ -211,11 +211,8 @@ def _run_study(args) -> int:
               "runtime": None if args.no_runtime else {"roi": list(args.runtime_roi or roi), "repeats": repeats,
                                                        "warmup": args.warmup},
               "device_requested": device}
-    if path.is_file() and not args.force:
-        try:
-            done = json.loads(path.read_text()).get("inputs")
-        except json.JSONDecodeError:
-            done = None
+    if not args.force:
+        done = (read_record(path) or {}).get("inputs")
         if json.loads(json.dumps(done, default=str)) == json.loads(json.dumps(wanted, default=str)):
             print(f"{path}: up to date (same inputs); --force recomputes")
             return 0
@@ -279,21 +276,13 @@ def _run_preset(args) -> int:
 
 
 def run(args) -> int:
-    from deconver.config import ConfigError
+    from deconver.steps import pipeline_mode
 
+    if args.model and args.all_models:
+        raise ComplexityError("--model and --all-models exclude each other")
+    study_mode = pipeline_mode(args, pipeline=["model"], not_with_config=["all_models"])
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.model and args.all_models:
-        print("deconver complexity: --model and --all-models exclude each other", file=sys.stderr)
-        return 2
-    try:
-        if args.config:
-            if args.all_models:
-                raise ComplexityError("--all-models is for presets; with --config measure one --model at a time")
-            return _run_study(args)
-        return _run_preset(args)
-    except (ComplexityError, ConfigError) as err:
-        print(f"deconver complexity: {err}", file=sys.stderr)
-        return 2
+    return _run_study(args) if study_mode else _run_preset(args)

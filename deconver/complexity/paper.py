@@ -90,13 +90,17 @@ def _arg(args, kwargs, index: int, name: str, default=None):
     return kwargs.get(name, default)
 
 
-def _conv(*args, **kwargs):
+def _conv_args(args, kwargs, *, transposed: bool):
+    """(x, weight, bias, stride, padding, dilation, groups, dims, kernel) of an F.conv*d / F.conv_transpose*d
+    call (the transposed one has output_padding at 5, groups at 6 and dilation at 7)."""
     x, w = args[0], _arg(args, kwargs, 1, "weight")
-    bias = _arg(args, kwargs, 2, "bias")
-    stride, padding = _arg(args, kwargs, 3, "stride", 1), _arg(args, kwargs, 4, "padding", 0)
-    dilation, groups = _arg(args, kwargs, 5, "dilation", 1), _arg(args, kwargs, 6, "groups", 1)
-    dims = x.dim() - 2
-    k = _shape_of(w)[2:]
+    dilation = _arg(args, kwargs, 7 if transposed else 5, "dilation", 1)
+    return (x, w, _arg(args, kwargs, 2, "bias"), _arg(args, kwargs, 3, "stride", 1), _arg(args, kwargs, 4, "padding", 0),
+            dilation, _arg(args, kwargs, 6, "groups", 1), x.dim() - 2, _shape_of(w)[2:])
+
+
+def _conv(*args, **kwargs):
+    x, w, bias, stride, padding, dilation, groups, dims, k = _conv_args(args, kwargs, transposed=False)
     strides, dilations = _tuple(stride, dims), _tuple(dilation, dims)
     if isinstance(padding, str):
         pads = (0,) * dims if padding == "valid" else tuple(d * (kk - 1) // 2 for d, kk in zip(dilations, k))
@@ -110,12 +114,7 @@ def _conv(*args, **kwargs):
 
 
 def _conv_transpose(*args, **kwargs):
-    x, w = args[0], _arg(args, kwargs, 1, "weight")
-    bias = _arg(args, kwargs, 2, "bias")
-    stride, padding = _arg(args, kwargs, 3, "stride", 1), _arg(args, kwargs, 4, "padding", 0)
-    groups, dilation = _arg(args, kwargs, 6, "groups", 1), _arg(args, kwargs, 7, "dilation", 1)
-    dims = x.dim() - 2
-    k = _shape_of(w)[2:]
+    x, w, bias, stride, padding, dilation, groups, dims, k = _conv_args(args, kwargs, transposed=True)
     pads, strides, dilations = _tuple(padding, dims), _tuple(stride, dims), _tuple(dilation, dims)
     # DeepSpeed's quirk: the bias is counted over the positions of a *forward* convolution
     quirk_out = [(n + 2 * p - (d * (kk - 1) + 1)) // s + 1 for n, p, d, kk, s in zip(_shape_of(x)[2:], pads, dilations, k, strides)]

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from deconver.config import ConfigError, Study, load_study
+from deconver.config import Study, load_study
 
 FORMAT = 1  # calibration file format
 
@@ -65,11 +65,11 @@ def measure_pair(study: Study, dataset: str, model: str, *, device: str, steps: 
         torch.cuda.reset_peak_memory_stats()
     preset = study.preset(dataset)
     batch = per_device_batch(preset.protocol.batch_size, world_size(study.trainer))
-    step, net, _ = train_step_fn(model, preset, study.model_kwargs(dataset, model), batch=batch, device=device,
-                                 precision=preset.protocol.precision if device.startswith("cuda") else "32")
+    train = train_step_fn(model, preset, study.model_kwargs(dataset, model), batch=batch, device=device,
+                          precision=preset.protocol.precision if device.startswith("cuda") else "32")
     startup = time.perf_counter() - t_start
-    warmup, times = median_time(step, steps)
-    window = window_batch_fn(net, preset, device=device)
+    warmup, times = median_time(train.step, steps)
+    window = window_batch_fn(train.net, preset, device=device)
     _, window_times = median_time(window, max(1, steps // 2))
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else peak_rss_mb()
     return {"dataset": dataset, "model": model, "roi": list(preset.protocol.roi_size), "batch_per_device": batch,
@@ -158,11 +158,7 @@ def run(args: argparse.Namespace) -> int:
     from deconver.io import write_json_atomic
     from deconver.paths import StudyPaths
 
-    try:
-        study = load_study(args.config)
-    except ConfigError as err:
-        print(f"deconver calibrate: error: {err}", file=sys.stderr)
-        return 2
+    study = load_study(args.config)
     device = args.device
     if device == "auto":
         import torch

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
 
-from deconver.config import ConfigError, load_study
+from deconver.config import load_study
 from deconver.cost.estimate import as_dict, load_calibration, study_costs
 
 
@@ -88,14 +87,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        study = load_study(args.config)
-        calibration, path = load_calibration(study, args.calibration)
-        costs = study_costs(study, calibration,
-                            gpu_memory_mb=args.gpu_memory_gb * 1024 if args.gpu_memory_gb else None)
-    except ConfigError as err:
-        print(f"deconver plan: error: {err}", file=sys.stderr)
-        return 2
+    from deconver.steps import named_input
+
+    study = load_study(args.config)
+    calibration, path = load_calibration(study, named_input(args.calibration, "--calibration"))
+    costs = study_costs(study, calibration, gpu_memory_mb=args.gpu_memory_gb * 1024 if args.gpu_memory_gb else None)
     sums = totals(costs)
     if args.json:
         print(json.dumps({"study": study.study, "calibration": str(path) if path else None,

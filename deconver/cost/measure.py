@@ -1,7 +1,7 @@
 """Time one model's training step and sliding-window batch on this device (calibration and benchmarks/train.py).
 
-`train_step_fn` builds the network and the engine's own `SegmentationModule` for a preset and returns a
-callable that runs one optimiser step (the preset's loss, backward, AdamW) on random data of the
+`train_step_fn` builds the network and the engine's own `SegmentationModule` for a preset and returns
+(a `TrainStep` with the network, module and optimizer) a callable that runs one optimiser step (the preset's loss, backward, AdamW) on random data of the
 preset's roi and the given batch, and returns its seconds (CUDA synchronised). `window_batch_fn` does
 the same for one batch of `sw_batch_size` sliding windows at inference (no gradients). `median_time`
 runs a callable once as warm-up and returns the warm-up and the median of the timed calls.
@@ -12,7 +12,7 @@ import resource
 import statistics
 import time
 from contextlib import nullcontext
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 from deconver.config import DatasetPreset
 
@@ -48,9 +48,18 @@ def build_module(model: str, preset: DatasetPreset, kwargs: dict | None, device:
     return net, module
 
 
+class TrainStep(NamedTuple):
+    """What `train_step_fn` returns: `step()` runs one training step and returns its seconds."""
+
+    step: Callable[[], float]
+    net: Any
+    module: Any
+    optimizer: Any
+
+
 def train_step_fn(model: str, preset: DatasetPreset, kwargs: dict | None, *, batch: int, device: str,
-                  precision: str = "32"):
-    """(step, net, module): `step()` runs one training step on random data and returns its seconds."""
+                  precision: str = "32") -> TrainStep:
+    """`step()` of one training step on random data of the preset's roi and `batch` (with the net, module, optimizer)."""
     import torch
 
     net, module = build_module(model, preset, kwargs, device)
@@ -75,7 +84,7 @@ def train_step_fn(model: str, preset: DatasetPreset, kwargs: dict | None, *, bat
         _sync(device)
         return time.perf_counter() - t0
 
-    return step, net, module
+    return TrainStep(step, net, module, optimizer)
 
 
 def window_batch_fn(net, preset: DatasetPreset, *, device: str) -> Callable[[], float]:

@@ -305,20 +305,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconver.config import ConfigError
     from deconver.io import write_text_atomic
+    from deconver.steps import UsageError, named_input
 
+    named_input(args.root, "--from")
+    if args.max_cases < 1:
+        raise UsageError(f"--max-cases must be at least 1, got {args.max_cases}")
     name = args.name or default_name(args.root)
     models = [(m.strip(), {}) for m in args.models.split(",") if m.strip()] if args.models else None
     command = f"deconver preset --from {args.root} --name {name}" + (f" --models {args.models}" if args.models else "")
-    try:
-        if args.max_cases < 1:
-            raise ConfigError(f"--max-cases must be at least 1, got {args.max_cases}")
-        text = preset_text(args.root, name, models=models, model_dirs=args.model_dirs, max_cases=args.max_cases,
-                           command=command, progress=not args.no_progress)
-    except (DatasetError, ConfigError, KeyError) as err:
-        print(f"deconver preset: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
-        return 1
+    text = preset_text(args.root, name, models=models, model_dirs=args.model_dirs, max_cases=args.max_cases,
+                       command=command, progress=not args.no_progress)
     if args.out:
         write_text_atomic(args.out, text)
         print(f"{args.out}: preset {name!r} written", file=sys.stderr)

@@ -284,31 +284,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconver.config import ConfigError, load_preset, load_study
+    from deconver.config import load_preset, load_study
     from deconver.paths import StudyPaths
+    from deconver.steps import UsageError, named_input, pipeline_mode
 
-    try:
-        if args.config:
-            if not args.dataset:
-                raise ConfigError("--config needs --dataset")
-            study = load_study(args.config)
-            preset = study.preset(args.dataset)
-            root = Path(study.datasets[args.dataset].root)
-            out = Path(args.out) if args.out else StudyPaths.of(study).prepared(args.dataset)
-            dataset = args.dataset
-            if study.datasets[args.dataset].synthetic and not root.exists():
-                raise DatasetError(f"dataset root {root} does not exist: write the synthetic stand-in first with "
-                                   f"`deconver synth --config {args.config} --dataset {args.dataset}`")
-        else:
-            missing = [f for f in ("preset", "root", "out") if not getattr(args, f)]
-            if missing:
-                raise ConfigError(f"give --config and --dataset, or all of --preset, --root and --out (missing {missing})")
-            preset = load_preset(args.preset)
-            root, out, dataset = Path(args.root), Path(args.out), args.dataset or preset.name
-        result = prepare_dataset(preset, root, out, dataset=dataset, progress=not args.no_progress)
-    except (DatasetError, ConfigError) as err:
-        print(f"deconver prepare: error: {err}", file=sys.stderr)
-        return 1
+    if pipeline_mode(args, pipeline=["dataset"], by_hand=["preset", "root", "out"]):
+        study = load_study(args.config)
+        preset = study.preset(args.dataset)
+        root = Path(study.datasets[args.dataset].root)
+        out = Path(args.out) if args.out else StudyPaths.of(study).prepared(args.dataset)
+        dataset = args.dataset
+        if not root.exists():
+            first = (f": write the synthetic stand-in first with `deconver synth --config {args.config} "
+                     f"--dataset {args.dataset}`" if study.datasets[args.dataset].synthetic else "")
+            raise UsageError(f"datasets.{args.dataset}.root: dataset root {root} does not exist{first}")
+    else:
+        preset = load_preset(args.preset)
+        root, out, dataset = named_input(args.root, "--root"), Path(args.out), args.dataset or preset.name
+    result = prepare_dataset(preset, root, out, dataset=dataset, progress=not args.no_progress)
     for warning in result["warnings"]:
         print(f"deconver prepare: warning: {warning}", file=sys.stderr)
     if result["warnings"]:

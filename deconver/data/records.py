@@ -5,9 +5,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deconver.steps import StepError
 
-class DatasetError(ValueError):
-    """A dataset on disk is missing, malformed or inconsistent; the message names the file or folder."""
+
+class DatasetError(StepError, ValueError):
+    """A dataset on disk is missing, malformed or inconsistent; the message names the file or folder (exit 1)."""
 
 
 # How a reader's label files map onto the preset's label values (recorded in ``Case.meta["label_encoding"]``):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,15 +92,11 @@ def split_prepared(prepared, *, dataset: str, num_folds: int, seed: int, method:
 
 def write_split(content: dict, path: Path) -> bool:
     """Write the fold file atomically unless an identical one is there; True when written."""
-    from deconver.io import provenance, write_json_atomic
+    from deconver.io import provenance, read_record, write_json_atomic
 
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old is not None and {k: old.get(k) for k in content} == content:
-            return False
+    old = read_record(path)
+    if old is not None and {k: old.get(k) for k in content} == content:
+        return False
     write_json_atomic(path, {**content, "provenance": provenance("cpu")})
     return True
 
@@ -144,35 +139,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconver.config import ConfigError, load_study
+    from deconver.config import load_study
+    from deconver.data.cache import PreparedDataset
     from deconver.paths import StudyPaths
+    from deconver.steps import named_input, pipeline_mode
 
-    try:
-        if args.config:
-            if not args.dataset:
-                raise ConfigError("--config needs --dataset")
-            study = load_study(args.config)
-            study.preset(args.dataset)
-            paths = StudyPaths.of(study)
-            prepared = Path(args.prepared) if args.prepared else paths.prepared(args.dataset)
-            out = Path(args.out) if args.out else paths.split(args.dataset)
-            num_folds, seed, method = study.num_folds, study.seed, study.split_method(args.dataset)
-        else:
-            if not (args.prepared and args.out):
-                raise ConfigError("give --config and --dataset, or --prepared and --out")
-            prepared, out = Path(args.prepared), Path(args.out)
-            num_folds, seed, method = 5, 123, "kfold"
-        num_folds = args.num_folds or num_folds
-        seed = seed if args.seed is None else args.seed
-        method = args.method or method
-        from deconver.data.cache import PreparedDataset
-
-        ds = PreparedDataset(prepared)
-        content = split_prepared(ds, dataset=args.dataset or ds.dataset, num_folds=num_folds, seed=seed, method=method)
-        written = write_split(content, out)
-    except (DatasetError, ConfigError) as err:
-        print(f"deconver split: error: {err}", file=sys.stderr)
-        return 1
+    if pipeline_mode(args, pipeline=["dataset"], by_hand=["prepared", "out"]):
+        study = load_study(args.config)
+        study.preset(args.dataset)
+        paths = StudyPaths.of(study)
+        prepared = named_input(args.prepared, "--prepared") or paths.prepared(args.dataset)
+        out = Path(args.out) if args.out else paths.split(args.dataset)
+        num_folds, seed, method = study.num_folds, study.seed, study.split_method(args.dataset)
+    else:
+        prepared, out = named_input(args.prepared, "--prepared"), Path(args.out)
+        num_folds, seed, method = 5, 123, "kfold"
+    num_folds = args.num_folds or num_folds
+    seed = seed if args.seed is None else args.seed
+    method = args.method or method
+    ds = PreparedDataset(prepared)
+    content = split_prepared(ds, dataset=args.dataset or ds.dataset, num_folds=num_folds, seed=seed, method=method)
+    written = write_split(content, out)
     sizes = [len(f["val"]) for f in content["folds"]]
     print(f"{out}: {'written' if written else 'up to date'} ({method}, {content['num_folds']} fold(s), val sizes {sizes})")
     return 0

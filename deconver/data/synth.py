@@ -17,7 +17,8 @@ looks like its task, so a model learns something in a few epochs, and carries th
   ground truth in the misspelt ``Groud truth`` folder of one mirror.
 
 The dataset is written into a temporary folder beside `out` and renamed into place at the end, so an
-interrupted run leaves nothing that looks like a dataset.
+interrupted run leaves nothing that looks like a dataset. The 3D stand-ins are written here, the 2D
+ones (GlaS, FIVES) in `deconver.data.synth_2d`.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ import argparse
 import math
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -33,6 +33,8 @@ import numpy as np
 
 from deconver.data.readers._common import SYNTHETIC_MARKER
 from deconver.data.records import DatasetError
+from deconver.data.synth_2d import texture as _texture
+from deconver.data.synth_2d import write_fives, write_glas
 
 KINDS = ("isles22", "brats23", "glas", "fives")
 BRATS_TOP = "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData"
@@ -59,17 +61,6 @@ def _grid_world(shape, affine) -> np.ndarray:
 def _rotation_z(theta: float) -> np.ndarray:
     c, s = math.cos(theta), math.sin(theta)
     return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
-
-
-def _texture(points: np.ndarray, rng: np.random.Generator, scale: float, waves: int = 4) -> np.ndarray:
-    """A smooth random field in [-1, 1]: a sum of a few plane waves evaluated at `points` (…, d)."""
-    d = points.shape[-1]
-    out = np.zeros(points.shape[:-1])
-    for _ in range(waves):
-        k = rng.normal(size=d)
-        k *= 2 * math.pi / (scale * np.linalg.norm(k))
-        out += np.sin(points @ k + rng.uniform(0, 2 * math.pi))
-    return out / waves
 
 
 # --------------------------------------------------------------------------- ISLES'22
@@ -218,174 +209,6 @@ def write_brats23(out: Path, cases: int, seed: int) -> list[str]:
     return quirks
 
 
-# --------------------------------------------------------------------------- GlaS
-def _glas_case(rng: np.random.Generator, malignant: bool) -> tuple[np.ndarray, np.ndarray]:
-    h, w = int(rng.integers(256, 321)), int(rng.integers(256, 321))
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    pts = np.stack([yy, xx], -1)
-    tex = _texture(pts, rng, scale=40.0)
-    img = np.empty((h, w, 3))
-    img[..., 0], img[..., 1], img[..., 2] = 232 + 10 * tex, 170 + 18 * tex, 200 + 10 * tex  # eosin stroma
-    inst = np.zeros((h, w), np.uint8)
-    n_target = int(rng.integers(3, 8))
-    gid = 0
-    for _ in range(60):
-        if gid >= n_target:
-            break
-        cy, cx = rng.uniform(20, h - 20), rng.uniform(20, w - 20)
-        a, b = rng.uniform(22, 55), rng.uniform(16, 38)
-        th = rng.uniform(0, math.pi)
-        dy, dx = yy - cy, xx - cx
-        u = (dx * math.cos(th) + dy * math.sin(th)) / a
-        v = (-dx * math.sin(th) + dy * math.cos(th)) / b
-        ang = np.arctan2(v, u)
-        wobble = 1 + (0.22 if malignant else 0.06) * np.sin(3 * ang + rng.uniform(0, 6)) \
-            + (0.12 if malignant else 0.03) * np.sin(5 * ang + rng.uniform(0, 6))
-        r = np.sqrt(u ** 2 + v ** 2) / wobble
-        gland = r < 1.0
-        if (inst[gland] > 0).any() or (inst[r < 1.15] > 0).any():
-            continue
-        gid += 1
-        inst[gland] = gid
-        lumen = r < rng.uniform(0.45, 0.65)
-        epi = gland & ~lumen
-        img[epi] = [150, 80, 165]                        # epithelium (haematoxylin-stained cytoplasm)
-        img[lumen] = [244, 238, 246]                     # lumen
-        nuclei = epi & (rng.uniform(size=(h, w)) < 0.12)
-        img[nuclei] = [85, 40, 120]
-    img += rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8), inst
-
-
-def write_glas(out: Path, cases: int, seed: int) -> list[str]:
-    """GlaS-like tiles named train_N / testA_N / testB_N (official proportions 85:60:20) and Grade.csv."""
-    from PIL import Image
-
-    n_a = max(1, round(cases * 60 / 165))
-    n_b = max(1, round(cases * 20 / 165))
-    n_train = max(1, cases - n_a - n_b)
-    names = ([f"train_{k + 1}" for k in range(n_train)] + [f"testA_{k + 1}" for k in range(n_a)]
-             + [f"testB_{k + 1}" for k in range(n_b)])
-    out.mkdir(parents=True, exist_ok=True)
-    rows = ["name,patient ID, grade (GlaS), grade (Sirinukunwattana et al. 2015)"]
-    for i, name in enumerate(names):
-        rng = np.random.default_rng([seed, i])
-        malignant = bool(rng.uniform() < 0.5)
-        img, inst = _glas_case(rng, malignant)
-        Image.fromarray(img, mode="RGB").save(out / f"{name}.bmp")
-        Image.fromarray(inst, mode="L").save(out / f"{name}_anno.bmp")
-        grade, sub = ("malignant", "adenocarcinoma") if malignant else ("benign", "adenomatous")
-        rows.append(f"{name},{int(rng.integers(1, 40))}, {grade}, {sub}")
-    (out / "Grade.csv").write_bytes(("\r".join(rows) + "\r").encode())  # CR-only, as the original
-    return ["Grade.csv with leading spaces and CR-only line endings", "annotations are instance maps"]
-
-
-# --------------------------------------------------------------------------- FIVES
-def _draw_vessels(draw_img, draw_mask, rng, start, angle, width, steps, depth, inside, stride) -> None:
-    x, y = start
-    for step in range(steps):
-        angle += rng.normal(0, 0.12)
-        nx, ny = x + stride * math.cos(angle), y + stride * math.sin(angle)
-        if not inside(nx, ny):
-            return
-        w = max(1, int(round(width)))
-        shade = int(rng.integers(-12, 12))
-        draw_img.line([(x, y), (nx, ny)], fill=(135 + shade, 32, 22), width=w)
-        draw_mask.line([(x, y), (nx, ny)], fill=255, width=w)
-        x, y = nx, ny
-        width = max(1.0, width * 0.985)
-        if depth > 0 and step > 3 and rng.uniform() < 0.09:
-            side = 1 if rng.uniform() < 0.5 else -1
-            _draw_vessels(draw_img, draw_mask, rng, (x, y), angle + side * rng.uniform(0.4, 0.9),
-                          width * 0.7, int(steps * 0.6), depth - 1, inside, stride)
-
-
-def _fives_case(rng: np.random.Generator, size: int, category: str) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image, ImageDraw, ImageFilter
-
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    c = (size - 1) / 2
-    radius = size * 0.47
-    r2 = ((xx - c) ** 2 + (yy - c) ** 2) / radius ** 2
-    fundus = r2 < 1.0
-    tex = _texture(np.stack([yy, xx], -1), rng, scale=size / 4)
-    img = np.zeros((size, size, 3))
-    img[..., 0] = 200 - 70 * r2 + 10 * tex
-    img[..., 1] = 85 - 35 * r2 + 6 * tex
-    img[..., 2] = 35 - 15 * r2
-    side = 1 if rng.uniform() < 0.5 else -1
-    disc = (c + side * size * 0.27, c + rng.uniform(-0.05, 0.05) * size)
-    d2 = ((xx - disc[0]) ** 2 + (yy - disc[1]) ** 2) / (size * 0.06) ** 2
-    img += np.exp(-d2)[..., None] * np.array([60, 120, 80])
-    mac = ((xx - (c - side * size * 0.05)) ** 2 + (yy - c) ** 2) / (size * 0.08) ** 2
-    img -= np.exp(-mac)[..., None] * np.array([40, 20, 5])
-    if category == "A":   # drusen-like bright spots near the macula
-        for _ in range(12):
-            px, py = c - side * size * 0.05 + rng.normal(0, size * 0.05), c + rng.normal(0, size * 0.05)
-            img += np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / 18.0)[..., None] * np.array([40, 50, 20])
-    if category == "D":   # haemorrhage-like dark blots
-        for _ in range(10):
-            px, py = rng.uniform(0.25, 0.75) * size, rng.uniform(0.25, 0.75) * size
-            img -= np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / 30.0)[..., None] * np.array([70, 40, 10])
-    image = Image.fromarray(np.clip(img * fundus[..., None], 0, 255).astype(np.uint8), mode="RGB")
-    mask = Image.new("L", (size, size), 0)
-    di, dm = ImageDraw.Draw(image), ImageDraw.Draw(mask)
-    inside = lambda x, y: ((x - c) ** 2 + (y - c) ** 2) < (radius * 0.97) ** 2  # noqa: E731
-    base_w = size / 80
-    for up in (-1, 1):
-        for toward, length in ((-side, 70), (side, 30)):   # temporal arcades long, nasal vessels short
-            a0 = math.atan2(up, toward * 0.6)
-            _draw_vessels(di, dm, rng, disc, a0 + rng.normal(0, 0.1), base_w * rng.uniform(0.85, 1.1),
-                          length, 3, inside, stride=7 * size / 512)
-    image = image.filter(ImageFilter.GaussianBlur(0.7))
-    arr = np.asarray(image).astype(np.float64)
-    arr += rng.normal(0, 3, arr.shape) * fundus[..., None]
-    return np.clip(arr * fundus[..., None], 0, 255).astype(np.uint8), np.asarray(mask)
-
-
-def write_fives(out: Path, cases: int, seed: int, size: int = 256) -> list[str]:
-    """FIVES-like train/test folders (3:1), categories A/D/G/N, with the layout's quirks."""
-    from PIL import Image
-
-    n_test = max(1, cases // 4)
-    n_train = max(1, cases - n_test)
-    quirks = ["Thumbs.db in train/Original and test/Groud truth", "Quality Assessment.xlsx at the root",
-              "test ground truth in 'Groud truth' (the misspelt mirror)"]
-    index = 0
-    for subset, count in (("train", n_train), ("test", n_test)):
-        gt_name = "Ground truth" if subset == "train" else "Groud truth"
-        (out / subset / "Original").mkdir(parents=True, exist_ok=True)
-        (out / subset / gt_name).mkdir(parents=True, exist_ok=True)
-        for k in range(count):
-            rng = np.random.default_rng([seed, index])
-            category = "ADGN"[k % 4]
-            name = f"{k + 1}_{category}.png"
-            img, mask = _fives_case(rng, size, category)
-            Image.fromarray(img, mode="RGB").save(out / subset / "Original" / name)
-            if index % 3 == 1:
-                Image.fromarray(np.repeat(mask[..., None], 3, -1), mode="RGB").save(out / subset / gt_name / name)
-                quirks.append(f"{subset}/{gt_name}/{name}: RGB mask")
-            else:
-                Image.fromarray(mask, mode="L").save(out / subset / gt_name / name)
-            index += 1
-    thumbs = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504)  # an OLE header, as Windows writes them
-    (out / "train" / "Original" / "Thumbs.db").write_bytes(thumbs)
-    (out / "test" / "Groud truth" / "Thumbs.db").write_bytes(thumbs)
-    _quality_sheet(out / "Quality Assessment.xlsx", seed)
-    return quirks
-
-
-def _quality_sheet(path: Path, seed: int) -> None:
-    from openpyxl import Workbook
-
-    wb = Workbook()
-    ws = wb.active
-    ws.title = "SYNTHETIC"
-    ws.append(["Disease", "Illuminaton & Color", "Blur", "Low contrast", "note"])
-    ws.append(["-", 1, 1, 1, f"synthetic stand-in (seed {seed}), not the real FIVES sheet"])
-    wb.save(path)
-
-
 # --------------------------------------------------------------------------- entry points
 WRITERS = {"isles22": write_isles22, "brats23": write_brats23, "glas": write_glas, "fives": write_fives}
 
@@ -437,34 +260,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconver.config import ConfigError, load_study
+    from deconver.config import load_study
+    from deconver.steps import UsageError, pipeline_mode
 
-    try:
-        options = {"layout": args.layout} if args.layout else {}
-        if args.config:
-            study = load_study(args.config)
-            preset = study.preset(args.dataset)
-            entry = study.datasets[args.dataset]
-            out = Path(args.out or entry.root)
-            if not entry.synthetic:
-                print(f"dataset {args.dataset!r} is not synthetic in {args.config}: nothing to write")
-                return 0
-            if out.exists() and any(out.iterdir()) and not (out / SYNTHETIC_MARKER).is_file():
-                print(f"{out} exists and holds data: nothing to write")
-                return 0
-            kind, cases = preset.reader, args.cases or entry.synth_cases
-            seed = study.seed if args.seed is None else args.seed
-        else:
-            if not args.out:
-                raise ConfigError("give --out (or --config with --dataset)")
-            kind, out, cases = args.dataset, Path(args.out), args.cases or 12
-            seed = 0 if args.seed is None else args.seed
-        if options and kind != "isles22":
-            raise ConfigError("--layout applies to isles22 only")
-        existed = (out / SYNTHETIC_MARKER).is_file()
-        write_synthetic(kind, out, cases=cases, seed=seed, **options)
-    except (DatasetError, ConfigError, ValueError) as err:
-        print(f"deconver synth: error: {err}", file=sys.stderr)
-        return 1
+    options = {"layout": args.layout} if args.layout else {}
+    if pipeline_mode(args, by_hand=["out"]):
+        study = load_study(args.config)
+        preset = study.preset(args.dataset)
+        entry = study.datasets[args.dataset]
+        out = Path(args.out or entry.root)
+        if not entry.synthetic:
+            print(f"dataset {args.dataset!r} is not synthetic in {args.config}: nothing to write")
+            return 0
+        if out.exists() and any(out.iterdir()) and not (out / SYNTHETIC_MARKER).is_file():
+            print(f"{out} exists and holds data: nothing to write")
+            return 0
+        kind, cases = preset.reader, args.cases or entry.synth_cases
+        seed = study.seed if args.seed is None else args.seed
+    else:
+        if args.dataset not in KINDS:
+            raise UsageError(f"--dataset: {args.dataset!r} is not one of {KINDS} (or give --config)")
+        kind, out, cases = args.dataset, Path(args.out), args.cases or 12
+        seed = 0 if args.seed is None else args.seed
+    if options and kind != "isles22":
+        raise UsageError("--layout applies to isles22 only")
+    if cases < 1:
+        raise UsageError(f"--cases must be positive, got {cases}")
+    existed = (out / SYNTHETIC_MARKER).is_file()
+    write_synthetic(kind, out, cases=cases, seed=seed, **options)
     print(f"{out}: {'already present, nothing to do' if existed else f'wrote {cases} synthetic {kind} cases'}")
     return 0

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from deconver.config import ConfigError, Study
-from deconver.engine.run import RunSpec, open_prepared, read_fold, resolve_run, stale_reason
+from deconver.engine.run import RunSpec, RunStateError, open_prepared, read_fold, resolve_run, stale_reason
 from deconver.paths import RunFolder
 
 CHECKPOINTS = ("final", "best", "last")
@@ -35,7 +35,7 @@ def checkpoint_path(spec: RunSpec, which: str = "final") -> Path:
         raise ConfigError(f"--checkpoint: {which!r} is not one of {list(CHECKPOINTS)}")
     path = getattr(spec.folder, which)
     if not path.is_file():
-        raise ConfigError(f"{path} not found: train the run first (`deconver train --config ... --dataset "
+        raise RunStateError(f"{path} not found: train the run first (`deconver train --config ... --dataset "
                           f"{spec.dataset} --model {spec.model} --fold {spec.fold}`)")
     return path
 
@@ -48,7 +48,7 @@ def load_network(run_dir: Path, checkpoint: Path, device: str = "cpu"):
 
     record_path = RunFolder(run_dir).model_record
     if not record_path.is_file():
-        raise ConfigError(f"{record_path} not found: the run folder is incomplete")
+        raise RunStateError(f"{record_path} not found: the run folder is incomplete")
     record = json.loads(record_path.read_text())
     net = registry.create_model(record["name"], in_channels=record["in_channels"], out_channels=record["out_channels"],
                                 spatial_dims=record["spatial_dims"], roi_size=tuple(record["roi_size"]),
@@ -134,7 +134,7 @@ def predict(study: Study | str | Path | dict, dataset: str, model: str, fold: in
     from deconver.data import native_suffix, save_native, to_native
     from deconver.engine.labels import LabelCodec
     from deconver.engine.module import sliding_window_logits
-    from deconver.io import provenance, write_json_atomic
+    from deconver.io import provenance, read_record, write_json_atomic
 
     spec = resolve_run(study, dataset, model, fold, base=base)
     ckpt = checkpoint_path(spec, checkpoint)
@@ -153,16 +153,13 @@ def predict(study: Study | str | Path | dict, dataset: str, model: str, fold: in
         train_ids, case_ids = read_fold(spec)
         stale = stale_reason(spec, spec.fingerprint_parts(prepared, train_ids, case_ids))
         if stale is not None and stale[0] == "data":  # e.g. the split changed: its "validation" cases may be the run's training cases
-            raise ConfigError(f"{spec.run_dir}: {stale[1]}; train it again first (`deconver train` starts it over)")
+            raise RunStateError(f"{spec.run_dir}: {stale[1]}; train it again first (`deconver train` starts it over)")
         out_dir = Path(output_dir) if output_dir is not None else spec.paths.predictions(dataset, model, fold)
     record_path = out_dir / "predictions.json"
     wanted = {"checkpoint": _file_id(ckpt), "cases": list(case_ids), "probabilities": bool(probabilities),
               "masks": MASKS_FORMAT}
     if record_path.is_file():
-        try:
-            old = json.loads(record_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = {}
+        old = read_record(record_path) or {}
         if all(old.get(k) == v for k, v in wanted.items()):
             print(f"{out_dir}: predictions up to date, nothing to do", file=sys.stderr)
             return out_dir
@@ -208,14 +205,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconver.data import DatasetError
+    from deconver.steps import named_input
 
-    try:
-        out = predict(args.config, args.dataset, args.model, args.fold, probabilities=args.probabilities,
-                      input_dir=args.input_dir, output_dir=args.output_dir, checkpoint=args.checkpoint,
-                      device=args.device, progress=not args.no_progress)
-    except (ConfigError, DatasetError) as err:
-        print(f"deconver predict: error: {err}", file=sys.stderr)
-        return 1
+    named_input(args.input_dir, "--input-dir")
+    out = predict(args.config, args.dataset, args.model, args.fold, probabilities=args.probabilities,
+                  input_dir=args.input_dir, output_dir=args.output_dir, checkpoint=args.checkpoint,
+                  device=args.device, progress=not args.no_progress)
     print(out)
     return 0

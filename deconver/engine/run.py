@@ -1,7 +1,8 @@
 """Resolving one (study, dataset, model, fold) run: config, inputs, checks that must pass before training.
 
 Shared by `train` and `predict`. Every failure is a `ConfigError` (or `DatasetError`) naming the key,
-flag or file, raised before any training starts.
+flag or file, raised before any training starts; a run folder or an earlier step's output that stops the
+run (a missing or truncated checkpoint, a cache prepared with other settings) is a `RunStateError`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from deconver.config import ConfigError, DatasetPreset, Study, _validate, deep_merge, load_study
+from deconver.io import read_record
 from deconver.paths import RunFolder, StudyPaths
+from deconver.steps import StepError
+
+
+class RunStateError(StepError, ConfigError):
+    """The state of a run folder or of an earlier step's output stops the step (exit 1, not a usage error):
+    a checkpoint that is missing or truncated, an incomplete or stale run folder, a cache or split that no
+    longer matches the study. A ConfigError too, as before, for callers that catch a run's problems."""
 
 
 @dataclass
@@ -83,11 +92,8 @@ def _digest(data) -> str:
 def recorded_parts(run_dir: Path) -> dict | None:
     """The fingerprint parts recorded in a run folder's run.json ({} for a run.json without them, None
     when there is no readable run.json)."""
-    try:
-        record = json.loads(RunFolder(run_dir).run_record.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return record.get("fingerprint_parts") or {}
+    record = read_record(RunFolder(run_dir).run_record)
+    return None if record is None else record.get("fingerprint_parts") or {}
 
 
 def stale_reason(spec: RunSpec, parts: dict[str, str]) -> tuple[str, str] | None:
@@ -205,6 +211,6 @@ def open_prepared(spec: RunSpec):
     cached = prepared.preset
     for key in ("spatial_dims", "channels", "labels", "preprocessing"):
         if getattr(cached, key) != getattr(spec.preset, key):
-            raise ConfigError(f"{prepared.directory}: prepared with a different `{key}` than "
+            raise RunStateError(f"{prepared.directory}: prepared with a different `{key}` than "
                               f"datasets.{spec.dataset} now has; rerun `deconver prepare`")
     return prepared

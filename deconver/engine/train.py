@@ -21,6 +21,7 @@ from typing import Sequence
 from deconver.config import ConfigError, Study
 from deconver.engine.run import (
     RunSpec,
+    RunStateError,
     check_roi_fits_images,
     open_prepared,
     read_fold,
@@ -51,7 +52,7 @@ def _check_readable(checkpoint: Path) -> None:
         with zipfile.ZipFile(checkpoint) as archive:
             archive.infolist()
     except (OSError, zipfile.BadZipFile) as err:
-        raise ConfigError(f"{checkpoint}: the checkpoint is truncated or unreadable ({err}); delete it to restart "
+        raise RunStateError(f"{checkpoint}: the checkpoint is truncated or unreadable ({err}); delete it to restart "
                           f"the run from scratch (rm {checkpoint}), or put back a complete copy") from None
 
 
@@ -197,11 +198,11 @@ def train(study: Study | str | Path | dict, dataset: str, model: str, fold: int,
     train_ids, val_ids = read_fold(spec)
     missing = [c for c in train_ids + val_ids if c not in prepared]
     if missing:
-        raise ConfigError(f"{spec.paths.split(dataset)}: cases {missing[:5]} are not in {prepared.directory}; "
+        raise RunStateError(f"{spec.paths.split(dataset)}: cases {missing[:5]} are not in {prepared.directory}; "
                           f"rerun `deconver prepare` / `deconver split`")
     unlabelled = [c for c in train_ids + val_ids if not prepared.case(c)["files"].get("label")]
     if unlabelled:
-        raise ConfigError(f"{prepared.directory}: cases {unlabelled[:5]} have no label and cannot be trained on")
+        raise RunStateError(f"{prepared.directory}: cases {unlabelled[:5]} have no label and cannot be trained on")
     check_roi_fits_images(spec, [prepared.case(c)["image_shape"][1:] for c in train_ids + val_ids])
     parts = spec.fingerprint_parts(prepared, train_ids, val_ids)
     if _settle_run_folder(spec, parts):
@@ -269,12 +270,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconver.data import DatasetError
+    from deconver.steps import DONE, FAILED
 
-    try:
-        final = train(args.config, args.dataset, args.model, args.fold, max_epochs=args.max_epochs,
-                      progress=not args.no_progress)
-    except (ConfigError, DatasetError) as err:
-        print(f"deconver train: error: {err}", file=sys.stderr)
-        return 1
-    return 0 if final.is_file() or not _is_rank_zero() else 1
+    final = train(args.config, args.dataset, args.model, args.fold, max_epochs=args.max_epochs,
+                  progress=not args.no_progress)
+    return DONE if final.is_file() or not _is_rank_zero() else FAILED

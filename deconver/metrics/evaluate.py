@@ -29,14 +29,14 @@ import numpy as np
 import pandas as pd
 
 from deconver import __version__
-from deconver.config import ConfigError, DatasetPreset, load_preset, load_study
+from deconver.config import DatasetPreset, load_preset, load_study
 from deconver.data.instances import read_instance_file
-from deconver.data.records import DatasetError
-from deconver.io import atomic_path, provenance, write_json_atomic
+from deconver.io import atomic_path, provenance, read_record, write_json_atomic
 from deconver.metrics.challenge import brats23_lesionwise, glas_object_metrics, isles22_metrics, label_components
 from deconver.metrics.conventions import authors_rows, challenge_rows, metric_settings, run_loaders
 from deconver.metrics.geometry import aligned_prediction
 from deconver.metrics.surface import HD_DEFINITION, HD_IMPL, compare_masks, diagonal
+from deconver.steps import StepError
 
 COLUMNS = ["study", "dataset", "model", "fold", "case", "region", "metric", "value", "gt_voxels", "pred_voxels",
            "gt_empty", "pred_empty", "spacing", "unit", "hd_impl", "diagonal", "convention"]
@@ -45,7 +45,7 @@ SITK_SUFFIXES = (".mha", ".nrrd")  # 3D label maps read with SimpleITK (nnU-Net 
 CHALLENGE_UNITS = {"isles22_volume_diff_ml": "ml", "brats23_lw_hd95": "mm", "glas_object_hausdorff": "px"}
 
 
-class EvaluationError(ValueError):
+class EvaluationError(StepError, ValueError):
     """Inputs of an evaluation are missing or inconsistent; the message names the case or file."""
 
 
@@ -256,13 +256,7 @@ def sidecar_path(csv_path: Path) -> Path:
 
 
 def is_up_to_date(csv_path: Path, fingerprint: str) -> bool:
-    side = sidecar_path(csv_path)
-    if not (csv_path.is_file() and side.is_file()):
-        return False
-    try:
-        return json.loads(side.read_text()).get("fingerprint") == fingerprint
-    except (OSError, json.JSONDecodeError):
-        return False
+    return csv_path.is_file() and (read_record(sidecar_path(csv_path)) or {}).get("fingerprint") == fingerprint
 
 
 def write_evaluation(cases: Sequence[CaseInput], preset: DatasetPreset, out: Path, *, ids: dict,
@@ -420,25 +414,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.config:
-            if args.pred_dir or args.gt_dir:
-                raise EvaluationError("give either --config (pipeline) or --pred-dir/--gt-dir (by hand), not both")
-            missing = [f"--{n}" for n in ("dataset", "model") if not getattr(args, n)]
-            if args.fold is None:
-                missing.append("--fold")
-            if missing:
-                raise EvaluationError(f"pipeline mode needs {' '.join(missing)}")
-            evaluate_run(args.config, args.dataset, args.model, args.fold, force=args.force, workers=args.workers)
-        else:
-            missing = [f"--{n.replace('_', '-')}" for n in ("pred_dir", "gt_dir", "preset", "out") if not getattr(args, n)]
-            if missing:
-                raise EvaluationError(f"give --config STUDY --dataset D --model M --fold K, or {' '.join(missing)}")
-            evaluate_folder(args.pred_dir, args.gt_dir, args.preset, args.out, gt_suffix=args.gt_suffix,
-                            spacing=args.spacing, study=args.study, dataset=args.dataset, model=args.model,
-                            fold="" if args.fold is None else args.fold, force=args.force, resample=args.resample,
-                            workers=args.workers)
-    except (EvaluationError, ConfigError, DatasetError) as err:
-        print(f"deconver evaluate: error: {err}", file=sys.stderr)
-        return 1
+    from deconver.steps import named_input, pipeline_mode
+
+    if pipeline_mode(args, pipeline=["dataset", "model", "fold"], by_hand=["pred_dir", "gt_dir", "preset", "out"],
+                     not_with_config=["pred_dir", "gt_dir"]):
+        evaluate_run(args.config, args.dataset, args.model, args.fold, force=args.force, workers=args.workers)
+    else:
+        evaluate_folder(named_input(args.pred_dir, "--pred-dir"), named_input(args.gt_dir, "--gt-dir"), args.preset,
+                        args.out, gt_suffix=args.gt_suffix, spacing=args.spacing, study=args.study,
+                        dataset=args.dataset, model=args.model, fold="" if args.fold is None else args.fold,
+                        force=args.force, resample=args.resample, workers=args.workers)
     return 0

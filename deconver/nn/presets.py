@@ -22,27 +22,16 @@ def _paper(dataset: str) -> dict:
 
 _ISLES22, _BRATS23, _2D = _paper("isles22"), _paper("brats23"), _paper("glas")
 
+_PAPER_NOTES = {
+    "isles22": "ISLES'22 (DWI+ADC -> lesion): 3D, widths 64-512, k3, ratio 4; paper reports 10.5M",
+    "brats23": "BraTS'23 (4 MRI -> ET/TC/WT): 3D, widths 32-512, k3, ratio 4; paper reports 10.6M",
+    "glas": "GlaS (RGB -> glands): 2D, six stages 32-512-512 (inferred from the reported 20.8M), k5",
+    "fives": "FIVES (RGB -> vessels): 2D, six stages 32-512-512 (inferred from the reported 20.8M), k5",
+}
+
 PRESETS: dict[str, dict] = {
-    "isles22": {
-        "kwargs": _ISLES22,
-        "params": published.PARAMS["isles22"],
-        "note": "paper, ISLES'22 (DWI+ADC -> lesion): 3D, widths 64-512, k3, ratio 4; paper reports 10.5M",
-    },
-    "brats23": {
-        "kwargs": _BRATS23,
-        "params": published.PARAMS["brats23"],
-        "note": "paper, BraTS'23 (4 MRI -> ET/TC/WT): 3D, widths 32-512, k3, ratio 4; paper reports 10.6M",
-    },
-    "glas": {
-        "kwargs": _2D,
-        "params": published.PARAMS["glas"],
-        "note": "paper, GlaS (RGB -> glands): 2D, six stages 32-512-512 (inferred from the reported 20.8M), k5",
-    },
-    "fives": {
-        "kwargs": _2D,
-        "params": published.PARAMS["fives"],
-        "note": "paper, FIVES (RGB -> vessels): 2D, six stages 32-512-512 (inferred from the reported 20.8M), k5",
-    },
+    **{dataset: {"kwargs": _paper(dataset), "params": published.PARAMS[dataset], "note": f"paper, {note}"}
+       for dataset, note in _PAPER_NOTES.items()},
     "isles22-bundle": {
         "kwargs": {**_ISLES22, "channels": (32, 64, 128, 256, 512), "ratio": 1},
         "params": 7_811_073,

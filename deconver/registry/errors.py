@@ -4,10 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from deconver.config import REPO_ROOT
+from deconver.steps import StepError, UsageError
 
 
-class ModelError(ValueError):
-    """An invalid model request or model file; the message names the model, its file and the key."""
+class ModelError(UsageError):
+    """An invalid model request or model file; the message names the model, its file and the key.
+    A request (unknown keyword, roi, dims, batch) is a usage error (exit 2); a broken file is a `StepError` (exit 1)."""
 
 
 class UnknownModelError(ModelError, KeyError):
@@ -17,11 +19,11 @@ class UnknownModelError(ModelError, KeyError):
         return ValueError.__str__(self)
 
 
-class ModelFileError(ModelError):
+class ModelFileError(StepError, ModelError):
     """A model file failed to load or to register (syntax error, import error, duplicate name)."""
 
 
-class ModelBuildError(ModelError):
+class ModelBuildError(StepError, ModelError):
     """A registered builder raised or returned something other than an nn.Module; names the file."""
 
 

@@ -121,14 +121,8 @@ def _describe_row(row: dict, dims: int) -> str:
 
 def run(args) -> int:
     """`deconver models`: print the table (or JSON); exit 1 if a model file is broken."""
-    from deconver.config import ConfigError
-
-    try:
-        report = describe_models(args.pattern, config=args.config, datasets=args.dataset,
-                                 model_dirs=args.model_dir, params=not args.no_params)
-    except (ModelError, ConfigError) as err:
-        print(f"deconver models: {err}", file=sys.stderr)
-        return 2
+    report = describe_models(args.pattern, config=args.config, datasets=args.dataset,
+                             model_dirs=args.model_dir, params=not args.no_params)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     broken = list(report["errors"])
     for row in report["models"]:

@@ -24,7 +24,6 @@ A rerun whose inputs and options are unchanged is a no-op.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from deconver.io import already_done, atomic_path, inputs_digest, provenance, write_json_atomic
+from deconver.io import already_done, atomic_path, inputs_digest, provenance, read_record, write_json_atomic
 from deconver.paths import StudyPaths
 from deconver.report.conventions import OUTPUTS as CONVENTION_OUTPUTS
 from deconver.report.conventions import pool_conventions, with_convention
@@ -46,10 +45,6 @@ from deconver.report.settings import compare_settings
 REGION_MEAN_METRICS = ("dice", "hd95", "nsd")
 MEAN_REGION = "mean"
 OUTPUTS = ("per_case.csv", "summary.csv", "aggregate.json", *CONVENTION_OUTPUTS)
-
-
-class AggregateError(RuntimeError):
-    """An input of the aggregation is missing or malformed; the message names the file."""
 
 
 # --------------------------------------------------------------------------- what to aggregate
@@ -153,13 +148,8 @@ def plan_from_tree(results: Path, rule: str | None = None, penalty: float | str 
 
 def _manifest_synthetic(manifest: Path) -> bool | None:
     """The prepared manifest's `synthetic` flag, or None when there is no readable manifest."""
-    if not manifest.is_file():
-        return None
-    try:
-        data = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return bool(data.get("synthetic", False)) if isinstance(data, dict) else None
+    data = read_record(manifest)
+    return None if data is None else bool(data.get("synthetic", False))
 
 
 # --------------------------------------------------------------------------- the empty-mask rule
@@ -407,25 +397,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconver.config import ConfigError
+    from deconver.steps import UsageError, named_input, pipeline_mode
 
-    try:
-        if args.config:
-            plan = plan_from_study(args.config, args.results, reference=args.reference)
-        elif args.results:
-            penalty = args.penalty
-            if penalty is not None and penalty != "diagonal":
+    if pipeline_mode(args, by_hand=["results"]):
+        plan = plan_from_study(args.config, named_input(args.results, "--results"), reference=args.reference)
+    else:
+        penalty = args.penalty
+        if penalty is not None and penalty != "diagonal":
+            try:
                 penalty = float(penalty)
-            plan = plan_from_tree(args.results, args.rule, penalty, args.synthetic, reference=args.reference,
-                                  paper=args.paper)
-        else:
-            print("deconver aggregate: give --config STUDY.yaml or --results DIR", file=sys.stderr)
-            return 2
-        out = args.out or plan.paths.aggregate()
-        meta = aggregate(plan, out, force=args.force)
-    except (AggregateError, ConfigError) as err:
-        print(f"deconver aggregate: {err}", file=sys.stderr)
-        return 1
+            except ValueError:
+                raise UsageError(f"--penalty: a number or 'diagonal', got {penalty!r}") from None
+        plan = plan_from_tree(named_input(args.results, "--results"), args.rule, penalty, args.synthetic,
+                              reference=args.reference, paper=args.paper)
+    out = args.out or plan.paths.aggregate()
+    meta = aggregate(plan, out, force=args.force)
     if meta.get("_up_to_date"):
         print(f"deconver aggregate: {out} is up to date")
     else:

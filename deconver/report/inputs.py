@@ -9,6 +9,8 @@ from typing import Any
 
 import pandas as pd
 
+from deconver.steps import StepError
+
 
 def to_float(v) -> float:
     """A number read from an input (CSV cell, JSON value) as a float; NaN when it is none."""
@@ -18,7 +20,7 @@ def to_float(v) -> float:
         return math.nan
 
 
-class ReportError(RuntimeError):
+class ReportError(StepError, RuntimeError):
     """An input of the report is missing or malformed; the message names the file."""
 
 

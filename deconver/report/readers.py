@@ -11,12 +11,13 @@ import pandas as pd
 
 from deconver.metrics.empty_rules import as_bool
 from deconver.report.inputs import to_float
+from deconver.steps import StepError
 
 EVAL_COLUMNS = ["study", "dataset", "model", "fold", "case", "region", "metric", "value",
                 "gt_voxels", "pred_voxels", "gt_empty", "pred_empty", "spacing", "unit", "hd_impl"]
 
 
-class AggregateError(RuntimeError):
+class AggregateError(StepError, RuntimeError):
     """An input of the aggregation is missing or malformed; the message names the file."""
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from deconver.report.contents import (dataset_table, make_figures, models_of, ra
                                       statistics)
 from deconver.report.cost_section import cost_tables, read_cost
 from deconver.report.html import render_html
-from deconver.report.inputs import ReportError, load_aggregate
+from deconver.report.inputs import load_aggregate
 from deconver.report.objects_section import object_table, settings_notes
 
 OUTPUT_VERSION = 2  # 2: the ranking section
@@ -132,31 +131,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deconver.config import ConfigError
+    from deconver.steps import UsageError, named_input, pipeline_mode
 
-    try:
-        agg_dir, out = args.aggregate, args.out
-        if args.config:
-            from deconver.config import load_study
+    agg_dir, out = named_input(args.aggregate, "--aggregate"), args.out
+    results = named_input(args.results, "--results")
+    if pipeline_mode(args):
+        from deconver.config import load_study
 
-            study = load_study(args.config)
-            paths = StudyPaths.of(study)
-            results = args.results or paths.results
-            agg_dir = agg_dir or StudyPaths.at(results).aggregate()
-            out = out or paths.reports
-        else:
-            if agg_dir is None and args.results is None:
-                print("deconver report: give --config STUDY.yaml, or --results DIR (or --aggregate DIR) and --out DIR", file=sys.stderr)
-                return 2
-            agg_dir = agg_dir or StudyPaths.at(args.results).aggregate()
-            if out is None:
-                print("deconver report: --out DIR is needed without --config", file=sys.stderr)
-                return 2
-        manifest = report(agg_dir, out, force=args.force, n_resamples=args.resamples,
-                          rank_resamples=args.rank_resamples)
-    except (ReportError, ConfigError) as err:
-        print(f"deconver report: {err}", file=sys.stderr)
-        return 1
+        paths = StudyPaths.of(load_study(args.config))
+        agg_dir = agg_dir or StudyPaths.at(results or paths.results).aggregate()
+        out = out or paths.reports
+    else:
+        if agg_dir is None and results is None:
+            raise UsageError("give --config STUDY.yaml, or --results DIR (or --aggregate DIR) and --out DIR")
+        agg_dir = agg_dir or StudyPaths.at(results).aggregate()
+        if out is None:
+            raise UsageError("--out DIR is needed without --config")
+    manifest = report(agg_dir, out, force=args.force, n_resamples=args.resamples, rank_resamples=args.rank_resamples)
     if manifest.get("_up_to_date"):
         print(f"deconver report: {out} is up to date")
     else:

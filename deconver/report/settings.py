@@ -12,15 +12,16 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from deconver.io import read_record
+
 LEGACY_KEYS = ("hd_impl", "labels", "nsd_tolerance", "challenge")
 
 
 def run_settings(evaluation_csv: Path) -> dict | None:
     """The metric settings of one run (from the JSON beside its evaluation.csv); None without a sidecar."""
     side = Path(evaluation_csv).with_suffix(".json")
-    try:
-        info = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError):
+    info = read_record(side)
+    if info is None:
         return None
     if isinstance(info.get("metric_settings"), dict):
         return info["metric_settings"]

@@ -72,6 +72,16 @@ def match_channel_names(channels: list[str], available: Iterable[str], reader: s
     return out
 
 
+def rgb_root(root: Path, channels: list[str], reader: str) -> tuple[Path, bool]:
+    """(root, synthetic) of a dataset of RGB images (GlaS, FIVES): the root checked, and the preset's
+    channels checked to be the three the image gives (red, green, blue)."""
+    root = check_root(root)
+    match_channel_names(channels, ("red", "green", "blue"), reader)
+    if len(channels) != 3:
+        raise DatasetError(f"reader {reader!r} gives three channels (red, green, blue), the preset names {channels}")
+    return root, is_synthetic(root)
+
+
 def nifti_spacing(path: Path) -> list[float]:
     """Voxel size (mm) from a NIfTI header (cheap: the data is not read); DatasetError if unreadable."""
     import nibabel as nib

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from deconver.data.readers._common import check_root, is_stray, is_synthetic, match_channel_names, unique_cases
+from deconver.data.readers._common import is_stray, rgb_root, unique_cases
 from deconver.data.records import Case, DatasetError
 
 _IMAGE_EXT = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -36,11 +36,7 @@ def _images(folder: Path) -> dict[str, Path]:
 
 def read_fives(root: Path, channels: list[str], *, require_label: bool = True) -> list[Case]:
     """Case records of a FIVES root; ids are ``<subset>_<file stem>`` (e.g. ``train_1_A``)."""
-    root = check_root(root)
-    match_channel_names(channels, ("red", "green", "blue"), "fives")
-    if len(channels) != 3:
-        raise DatasetError(f"reader 'fives' gives three channels (red, green, blue), the preset names {channels}")
-    synthetic = is_synthetic(root)
+    root, synthetic = rgb_root(root, channels, "fives")
     cases = []
     for subset, folder in _split_dirs(root):
         subdirs = {p.name.lower(): p for p in folder.iterdir() if p.is_dir()}

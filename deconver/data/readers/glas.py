@@ -14,7 +14,7 @@ import io
 import re
 from pathlib import Path
 
-from deconver.data.readers._common import check_root, is_synthetic, match_channel_names, unique_cases, walk_files
+from deconver.data.readers._common import rgb_root, unique_cases, walk_files
 from deconver.data.records import Case, DatasetError
 
 # the official files are BMP; PNG and TIFF too, so that instance maps with more than 255 objects can be
@@ -44,11 +44,7 @@ def read_grade_csv(path: Path) -> dict[str, dict[str, str]]:
 
 def read_glas(root: Path, channels: list[str], *, require_label: bool = True) -> list[Case]:
     """Case records of a GlaS root; channels must be the three RGB channels."""
-    root = check_root(root)
-    match_channel_names(channels, ("red", "green", "blue"), "glas")
-    if len(channels) != 3:
-        raise DatasetError(f"reader 'glas' gives three channels (red, green, blue), the preset names {channels}")
-    synthetic = is_synthetic(root)
+    root, synthetic = rgb_root(root, channels, "glas")
     images: dict[str, Path] = {}
     annos: dict[str, Path] = {}
     grades: dict[str, dict[str, str]] = {}
