@@ -1,4 +1,4 @@
-"""Small I/O helpers every step uses: atomic writes and the provenance header of result files."""
+"""Small I/O helpers every step uses: atomic writes, the provenance header, reading a step's last record."""
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,7 @@
-"""Complexity accounting: parameters, FLOPs by two independent counters (fvcore, torch.utils.flop_counter)
-with a cross-check, the paper's (DeepSpeed's) FLOPs convention, latency and peak memory.
+"""Complexity accounting: parameters, FLOPs, the paper's FLOPs convention, latency and peak memory.
+
+FLOPs are counted by two independent counters (fvcore, torch.utils.flop_counter) with a cross-check,
+and by the paper's (DeepSpeed's) convention.
 
 `deconver complexity` (cli.py) writes one record per (dataset, model); conventions in docs/complexity.md.
 """

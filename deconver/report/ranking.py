@@ -1,6 +1,8 @@
-"""Is the ranking real? Bootstrap rank stability, three ranking methods, pairwise significance and
-convention sensitivity of one study's per-case results (the analysis of the challengeR toolkit,
-Wiesenfarth et al., Sci. Rep. 11, 2369, 2021, in numpy/scipy/pandas).
+"""Whether a study's ranking is real: rank stability, ranking methods, significance, convention sensitivity.
+
+Bootstrap rank stability, three ranking methods, pairwise significance and convention sensitivity of
+one study's per-case results (the analysis of the challengeR toolkit, Wiesenfarth et al., Sci. Rep.
+11, 2369, 2021, in numpy/scipy/pandas).
 
 Everything works on a *case matrix*: the per-case values of one dataset × metric × region, one row
 per (fold, case) and one column per model (`case_matrix`). Values are oriented so that the rank

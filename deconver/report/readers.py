@@ -1,5 +1,7 @@
-"""What `deconver aggregate` reads: each run's evaluation.csv and train_log.csv and the complexity JSONs,
-checked against their contracts (docs/ARCHITECTURE.md); every error names the file."""
+"""What `deconver aggregate` reads: evaluation.csv, train_log.csv and complexity JSONs, checked.
+
+Each run's evaluation.csv and train_log.csv and the complexity JSONs are checked against their
+contracts (docs/ARCHITECTURE.md); every error names the file."""
 from __future__ import annotations
 
 import json

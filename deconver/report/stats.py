@@ -1,5 +1,7 @@
-"""Paired statistics of a study: Wilcoxon signed-rank tests against the reference model, Holm
-correction, bootstrap confidence intervals of mean Dice, and ranks across datasets.
+"""Paired statistics of a study: Wilcoxon tests, Holm correction, bootstrap CIs and ranks across datasets.
+
+Wilcoxon signed-rank tests against the reference model, Holm correction, bootstrap confidence
+intervals of mean Dice, and ranks across datasets.
 
 All functions are pure (DataFrames and arrays in, DataFrames and numbers out) so the tests can check
 them on hand-made tables. The per-case table they read is `aggregate/per_case.csv` (after the

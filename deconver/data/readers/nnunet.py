@@ -1,4 +1,4 @@
-"""nnU-Net v2 raw dataset reader: ``DatasetXXX_Name/`` with ``dataset.json``, ``imagesTr/``, ``labelsTr/``.
+"""The nnU-Net v2 raw dataset reader: ``DatasetXXX_Name/`` with ``dataset.json``, ``imagesTr/``, ``labelsTr/``.
 
 Layout (nnU-Net v2, documentation/dataset_format.md): channel files ``imagesTr/<case>_<XXXX><file_ending>``
 (XXXX = the 4-digit channel index), labels ``labelsTr/<case><file_ending>``, optional ``imagesTs/`` (and
