@@ -10,9 +10,6 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "deconver"
 MAX_LINES = 450
-# deconver/nn/ndc.py is being split by issue 17 (627 lines when this test was written); drop it from
-# here once that lands
-OVER_LIMIT_FOR_NOW = {"nn/ndc.py"}
 MODULES = sorted(PACKAGE.rglob("*.py"))
 # a sentence: starts with a capital letter, a digit, a backtick or a quote, and ends with a full stop
 SENTENCE = re.compile(r"^[A-Z0-9`'\"].*\S[.]$")
@@ -37,7 +34,5 @@ def test_first_docstring_line_is_one_sentence(path):
 
 @pytest.mark.parametrize("path", MODULES, ids=_name)
 def test_no_file_is_over_the_limit(path):
-    if _name(path) in OVER_LIMIT_FOR_NOW:
-        pytest.skip(f"{_name(path)}: being split (issue 17)")
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{_name(path)} has {lines} lines (at most {MAX_LINES})"
