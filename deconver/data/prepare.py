@@ -25,7 +25,7 @@ import numpy as np
 
 from deconver.data.cache import CACHE_FORMAT, CASES_DIR, MANIFEST
 from deconver.data.records import Case, DatasetError
-from deconver.io import atomic_path, provenance, write_json_atomic
+from deconver.io import atomic_path, provenance, read_record, write_json_atomic
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -129,27 +129,16 @@ def degenerate_warnings(loaded) -> list[str]:
 
 def _trusted_entry(out_dir: Path, case: Case, fingerprint: str, inputs: list[dict]) -> dict | None:
     """The case's entry if it is complete and matches the current config and inputs, else None."""
-    path = out_dir / CASES_DIR / f"{case.id}.json"
-    if not path.is_file():
-        return None
-    try:
-        entry = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if entry.get("fingerprint") != fingerprint or entry.get("inputs") != inputs:
+    entry = read_record(out_dir / CASES_DIR / f"{case.id}.json")
+    if entry is None or entry.get("fingerprint") != fingerprint or entry.get("inputs") != inputs:
         return None
     return entry if _cache_files_intact(out_dir, entry) else None
 
 
 # --------------------------------------------------------------------------- a dataset
 def _manifest_matches(manifest_path: Path, fingerprint: str, cases: list[Case], stats: dict[str, list]) -> bool:
-    if not manifest_path.is_file():
-        return False
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if manifest.get("format") != CACHE_FORMAT or manifest.get("fingerprint") != fingerprint:
+    manifest = read_record(manifest_path)
+    if manifest is None or manifest.get("format") != CACHE_FORMAT or manifest.get("fingerprint") != fingerprint:
         return False
     entries = manifest.get("cases", [])
     if [e["id"] for e in entries] != [c.id for c in cases]:

@@ -72,6 +72,19 @@ def match_channel_names(channels: list[str], available: Iterable[str], reader: s
     return out
 
 
+def dataset_json_dir(root: Path, pattern: str, what: str) -> Path:
+    """The folder of `root` that holds ``dataset.json``: the root itself or its one child matching `pattern`
+    (``Task*`` for an MSD task, ``Dataset*`` for nnU-Net); `what` names such a folder in the errors."""
+    if (root / "dataset.json").is_file():
+        return root
+    found = [p for p in sorted(root.glob(pattern)) if (p / "dataset.json").is_file()]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise DatasetError(f"{root} holds several {what}s {[p.name for p in found]}: point the root at one")
+    raise DatasetError(f"no dataset.json in {root}: not an {what} folder")
+
+
 def rgb_root(root: Path, channels: list[str], reader: str) -> tuple[Path, bool]:
     """(root, synthetic) of a dataset of RGB images (GlaS, FIVES): the root checked, and the preset's
     channels checked to be the three the image gives (red, green, blue)."""

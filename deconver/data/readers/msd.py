@@ -9,19 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deconver.data.readers._common import check_root, is_synthetic, nifti_spacing, strip_nifti, unique_cases
+from deconver.data.readers._common import check_root, dataset_json_dir, is_synthetic, nifti_spacing, strip_nifti, unique_cases
 from deconver.data.records import Case, DatasetError
 
 
 def _task_dir(root: Path) -> Path:
-    if (root / "dataset.json").is_file():
-        return root
-    tasks = [p for p in sorted(root.glob("Task*")) if (p / "dataset.json").is_file()]
-    if len(tasks) == 1:
-        return tasks[0]
-    if tasks:
-        raise DatasetError(f"{root} holds several MSD tasks {[t.name for t in tasks]}: point the root at one")
-    raise DatasetError(f"no dataset.json in {root}: not an MSD task folder")
+    return dataset_json_dir(root, "Task*", "MSD task")
 
 
 def read_msd(root: Path, channels: list[str], *, require_label: bool = True,

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from deconver.data.readers._common import check_root, is_stray, is_synthetic, unique_cases
+from deconver.data.readers._common import check_root, dataset_json_dir, is_stray, is_synthetic, unique_cases
 from deconver.data.records import Case, DatasetError
 
 # file_ending -> format recorded in Case.meta["format"] (loading.py decodes each)
@@ -33,15 +33,7 @@ IGNORE_LABEL = "ignore"
 
 def dataset_dir(root: Path) -> Path:
     """The nnU-Net dataset folder of `root` (the root itself or its one ``Dataset*`` child)."""
-    root = check_root(root)
-    if (root / "dataset.json").is_file():
-        return root
-    found = [p for p in sorted(root.glob("Dataset*")) if (p / "dataset.json").is_file()]
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise DatasetError(f"{root} holds several nnU-Net datasets {[p.name for p in found]}: point the root at one")
-    raise DatasetError(f"no dataset.json in {root}: not an nnU-Net dataset folder")
+    return dataset_json_dir(check_root(root), "Dataset*", "nnU-Net dataset")
 
 
 def load_spec(root: Path) -> tuple[Path, dict[str, Any]]:
