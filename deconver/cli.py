@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from deconver import __version__
-from deconver.steps import USAGE, run_step
+from deconver.steps import EXIT_STATUS_HELP, USAGE, run_step
 
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deconver",
         description="Benchmark suite for medical image segmentation centred on Deconver (arXiv:2504.00302).",
+        epilog=EXIT_STATUS_HELP,
     )
     parser.add_argument("--version", action="version", version=f"deconver {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<step>")

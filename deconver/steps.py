@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 DONE, FAILED, USAGE = 0, 1, 2
+EXIT_STATUS_HELP = ("exit status of every step: 0 done or already done, 1 the step failed while running, "
+                    "2 a usage or configuration error (docs/ARCHITECTURE.md, \"Every CLI step\")")
 
 
 class UsageError(ValueError):

@@ -22,6 +22,7 @@ def test_help_lists_every_step():
     assert out.returncode == 0
     for name in COMMANDS:
         assert name in out.stdout
+    assert "1 the step failed while running, 2 a usage or configuration error" in " ".join(out.stdout.split())
 
 
 def test_unknown_step_fails():
