@@ -95,13 +95,6 @@ def pipeline_mode(args: argparse.Namespace, *, pipeline: Sequence[str] = (), by_
     return False
 
 
-def need(args: argparse.Namespace, *dests: str, why: str = "") -> None:
-    """A `UsageError` naming the arguments of `dests` that were not given (``why``: when they are needed)."""
-    missing = [flag(d) for d in dests if not _given(args, d)]
-    if missing:
-        raise UsageError(f"{why + ' ' if why else ''}needs {' '.join(missing)}".strip())
-
-
 def named_input(value: str | Path | None, name: str) -> Path | None:
     """`value` (a path the user named with `name`, a flag or a config key) as a Path, None when not given;
     a `UsageError` naming both when it does not exist."""
