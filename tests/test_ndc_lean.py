@@ -172,23 +172,6 @@ def test_merged_filter_gradient_matches_autograd(groups, m, sc):
     assert torch.allclose(_adjoint_filter_grad(x, gy, wa.detach(), groups), wa.grad, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_channels_last_projection_matches_convolution(dims):
-    from deconver.nn.ndc_ops import pointwise_conv, project_channels_last
-
-    torch.manual_seed(12)
-    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
-    x = torch.randn(3, 5, *SIZES[dims], dtype=torch.float64)
-    w = torch.randn(7, 5, *[1] * dims, dtype=torch.float64)
-    b = torch.randn(7, dtype=torch.float64)
-    ref = torch.nn.functional.conv2d(x, w, b) if dims == 2 else torch.nn.functional.conv3d(x, w, b)
-    for inp in (x, x.contiguous(memory_format=fmt)):
-        out = project_channels_last(inp, w, b)
-        assert out.is_contiguous(memory_format=fmt) and torch.allclose(out, ref, atol=1e-12)
-    assert torch.allclose(pointwise_conv(x.contiguous(memory_format=fmt), w, b), ref, atol=1e-12)
-    assert torch.allclose(pointwise_conv(x, w, b), ref, atol=1e-12)
-
-
 @pytest.mark.parametrize("nonnegative", [True, False])
 @pytest.mark.parametrize("num_iters", [1, 2])
 def test_backward_from_output_or_projection_matches_reference(nonnegative, num_iters, monkeypatch):

@@ -10,12 +10,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from deconver.nn.ndc import IMPLEMENTATIONS, NDC, _as_kernel
-from deconver.nn.ndc_ops import pointwise_conv
+from deconver.nn.pointwise import pointwise
 from deconver.nn.presets import PRESETS
 
 __all__ = ["DeconvMixer", "DeconverBlock", "Deconver"]
@@ -23,57 +22,11 @@ __all__ = ["DeconvMixer", "DeconverBlock", "Deconver"]
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _INSTANCE_NORM = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _linear(spatial_dims: int, cin: int, cout: int, bias: bool = True) -> nn.Module:
     """A "Linear" layer on channels-first tensors: a 1x1 convolution."""
     return _CONV[spatial_dims](cin, cout, kernel_size=1, bias=bias)
-
-
-class _RecomputedLinear(torch.autograd.Function):
-    """``Linear(fn(h))`` (a 1x1 convolution, ``fn`` element-wise or a normalisation) keeping only ``h``
-    for backward, where ``fn(h)`` is recomputed: the block's normalised inputs and the MLP's hidden
-    activation (``mlp_ratio`` times the width) are not stored. Backward runs the kernels autograd would
-    (``convolution_backward``, then ``fn``'s own backward): the same gradients, bit for bit, for one
-    more evaluation of ``fn``. ``dtype``: the autocast dtype ``fn(h)`` is cast to before the convolution."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, fn, dtype) -> Tensor:
-        ctx.save_for_backward(h, weight)
-        ctx.fn, ctx.dtype, ctx.has_bias = fn, dtype, bias is not None
-        a = fn(h)
-        return _CONV_FN[h.dim() - 2](a if dtype is None else a.to(dtype), weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        h, weight = ctx.saved_tensors
-        d = h.dim() - 2
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        with torch.enable_grad():
-            h_ = h.detach().requires_grad_(need_h)
-            a = ctx.fn(h_)
-            a = a if ctx.dtype is None else a.to(ctx.dtype)
-        g_a, g_w, g_b = torch.ops.aten.convolution_backward(
-            grad, a.detach(), weight, [weight.shape[0]] if ctx.has_bias else None, [1] * d, [0] * d, [1] * d,
-            False, [0] * d, 1, [need_h, need_w, need_b and ctx.has_bias])
-        g_h = torch.autograd.grad(a, h_, g_a)[0] if need_h else None
-        return g_h, g_w, g_b, None, None
-
-
-def _recomputed_linear(h: Tensor, fn, linear: nn.Module) -> Tensor:
-    """``linear(fn(h))`` by :class:`_RecomputedLinear`. Under autocast as autocast would run it: ``fn``
-    in ``h``'s dtype, the convolution in the autocast dtype (the parameters' casts are autograd nodes:
-    their gradients come back in float32). Without gradients or under a tracer: ``linear(fn(h))``."""
-    if not torch.is_grad_enabled() or torch.jit.is_tracing():  # nothing to save; tracers see plain modules
-        return linear(fn(h))
-    weight, bias, device = linear.weight, linear.bias, h.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    if dtype is not None:
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    with torch.autocast(device, enabled=False):  # forward and recomputation alike
-        return _RecomputedLinear.apply(h, weight, bias, fn, dtype)
 
 
 class DeconvMixer(nn.Module):
@@ -127,9 +80,11 @@ class DeconvMixer(nn.Module):
 
     def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
         """``Mixer(x)``, or ``Mixer(norm(x))`` with ``norm(x)`` recomputed in backward, not stored."""
-        s = self.ndc(self.act(self.in_proj(x) if norm is None else _recomputed_linear(x, norm, self.in_proj)))
-        # the lean NDC answers channels-last on CPU: project it without a layout conversion
-        return self.dropout(pointwise_conv(s, self.out_proj.weight, self.out_proj.bias))
+        # on the CPU the lean NDC computes channels-last: the input projection writes that layout and
+        # the output projection reads it, answering in x's NC(D)HW (GEMMs, no layout conversion)
+        lean = self.ndc.impl == "lean" and self.ndc.spatial_dims > 1
+        s = self.ndc(self.act(pointwise(x, self.in_proj, fn=norm, channels_last=lean)))
+        return self.dropout(pointwise(s, self.out_proj, channels_last=False))
 
 
 class DeconverBlock(nn.Module):
@@ -180,13 +135,13 @@ class DeconverBlock(nn.Module):
             x = x + self.mixer(self.norm1(x))
             return x + self.mlp(self.norm2(x))
         # the same computation as x + mixer(norm1(x)); x + mlp(norm2(x)), with the normalised inputs and
-        # the GELU output recomputed in backward instead of stored (see _RecomputedLinear)
+        # the GELU output recomputed in backward instead of stored (deconver.nn.pointwise)
         x = x + self.mixer(x, self.norm1)
         fc1, act, inner_dropout, fc2, dropout = self.mlp
-        hidden = _recomputed_linear(x, self.norm2, fc1)
+        hidden = pointwise(x, fc1, fn=self.norm2)
         if self.training and inner_dropout.p > 0:  # dropout between GELU and fc2: the plain modules
             return x + dropout(fc2(inner_dropout(act(hidden))))
-        return x + dropout(_recomputed_linear(hidden, act, fc2))
+        return x + dropout(pointwise(hidden, fc2, fn=act))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.checkpointing and torch.is_grad_enabled():
@@ -204,7 +159,7 @@ class _DecoderStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        return self.blocks(self.adapter(torch.cat([skip, self.upsample(x)], dim=1)))
+        return self.blocks(pointwise(torch.cat([skip, self.upsample(x)], dim=1), self.adapter))
 
 
 def _per_stage(value, n: int, name: str) -> tuple[int, ...]:
@@ -416,4 +371,4 @@ class Deconver(nn.Module):
             skips.append(x)
         for i in reversed(range(len(self.decoder))):
             x = self.decoder[i](x, skips[i])
-        return self.head(x)
+        return pointwise(x, self.head)

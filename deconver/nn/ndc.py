@@ -53,8 +53,9 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from deconver.nn.ndc_ops import _CHANNELS_LAST, _CONV, project_channels_last
+from deconver.nn.ndc_ops import _CHANNELS_LAST, _CONV
 from deconver.nn.ndc_update import NDCUpdate
+from deconver.nn.pointwise import pointwise
 
 __all__ = ["NDC", "IMPLEMENTATIONS"]
 
@@ -262,7 +263,7 @@ class NDC(nn.Module):
         # update runs channels-last (oneDNN's fast layout for these grouped convolutions); the
         # projection writes that layout directly, x stays as it is (NDCUpdate converts a copy).
         if x.device.type == "cpu" and self.spatial_dims in _CHANNELS_LAST:
-            s = project_channels_last(x, self.proj.weight, self.proj.bias)
+            s = pointwise(x, self.proj, channels_last=True)
         else:
             s = self.proj(x)
         relu_input = True

@@ -1,8 +1,7 @@
 """The NDC operators ``K`` and ``A = K^T`` as plain grouped convolutions, and the CPU helpers around them.
 
 ``K(s)`` (:func:`ndc_forward_op`, and :func:`_k_op`, its channels-last CPU form), its exact adjoint
-``A`` (:func:`adjoint_weight`, :func:`ndc_adjoint`), the 1x1 projections that keep or write the
-channels-last layout (:func:`pointwise_conv`, :func:`project_channels_last`), the filter-gradient
+``A`` (:func:`adjoint_weight`, :func:`ndc_adjoint`), the layout helpers, the filter-gradient
 reductions of the lean backward (:func:`_adjoint_filter_grad`) and the MAC count of one update
 (:func:`ndc_update_macs`). Notation: :mod:`deconver.nn.ndc`. Used by the lean autograd node
 (:mod:`deconver.nn.ndc_update`), the layer (:mod:`deconver.nn.ndc`) and the tests.
@@ -22,8 +21,6 @@ __all__ = [
     "ndc_adjoint",
     "ndc_forward_op",
     "ndc_update_macs",
-    "pointwise_conv",
-    "project_channels_last",
 ]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -32,38 +29,6 @@ _SLAB_BYTES = 32 * 2**20  # source tensors from this size on are convolved in sl
 
 def _padding(h: Tensor) -> tuple[int, ...]:
     return tuple(k // 2 for k in h.shape[2:])
-
-
-def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """A 1x1 convolution (``weight`` ``(O, C, 1, ..., 1)``) that keeps the layout of ``x``.
-
-    On a channels-last tensor it is one GEMM on the ``(B * S, C)`` view (``F.linear``), so the result
-    is channels-last too and no layout conversion is paid (PyTorch's own convolution picks a path
-    that answers in NCHW for some sizes and thread counts). Otherwise an ordinary convolution.
-    """
-    d = x.dim() - 2
-    if d in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[d]) and not x.is_contiguous():
-        out = F.linear(x.permute(0, *range(2, d + 2), 1), weight.flatten(1), bias)
-        return out.permute(0, d + 1, *range(1, d + 1))
-    return _CONV[d](x, weight, bias)
-
-
-def project_channels_last(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """A 1x1 convolution whose result is channels-last, reading ``x`` as it is (NC(D)HW or
-    channels-last) with one GEMM and no layout conversion of ``x``."""
-    d = x.dim() - 2
-    if not x.is_contiguous():
-        return pointwise_conv(x.contiguous(memory_format=_CHANNELS_LAST[d]), weight, bias)
-    b, c = x.shape[:2]
-    w2 = weight.flatten(1)  # (O, C)
-    xt = x.reshape(b, c, -1).transpose(1, 2)  # (B, S, C), a view: BLAS reads it transposed
-    if b == 1:  # one GEMM (a batched one would also give a per-sample weight gradient)
-        out = F.linear(xt[0], w2, bias).unsqueeze(0)
-    else:
-        out = torch.bmm(xt, w2.t().unsqueeze(0).expand(b, c, w2.shape[0]))
-        if bias is not None:
-            out = out.add_(bias)
-    return out.view(b, *x.shape[2:], w2.shape[0]).permute(0, d + 1, *range(1, d + 1))
 
 
 def adjoint_weight(h: Tensor, groups: int) -> Tensor:
@@ -87,6 +52,14 @@ def ndc_forward_op(s: Tensor, h: Tensor, groups: int) -> Tensor:
 def _is_channels_last(t: Tensor) -> bool:
     d = t.dim() - 2
     return d in _CHANNELS_LAST and t.is_contiguous(memory_format=_CHANNELS_LAST[d]) and not t.is_contiguous()
+
+
+def _flat(t: Tensor) -> Tensor:
+    """The elements of a NC(D)HW or channels-last tensor as a 1-D view (reductions over a channels-last
+    tensor would otherwise copy it to NC(D)HW first); a copy for any other layout."""
+    if _is_channels_last(t):
+        return t.permute(0, *range(2, t.dim()), 1).reshape(-1)
+    return t.reshape(-1)
 
 
 def _is_fake(t: Tensor) -> bool:

@@ -19,6 +19,7 @@ from deconver.nn.ndc_ops import (
     _adjoint_filter_grad,
     _conv_like,
     _filter_grad_from_adjoint,
+    _flat,
     _is_fake,
     _k_op,
     _like_layout,
@@ -153,7 +154,7 @@ class NDCUpdate(torch.autograd.Function):
         # With x >= 0 (the mixer's ReLU gives it) and eps > 0, N = A(x) + eps > 0, so s = out * D / N
         # can be recovered in backward: keep the output (alive anyway: the next layer holds it)
         # instead of z, one source-sized tensor less over the layer's lifetime (both paths).
-        ctx.from_output = eps > 0 and not _is_fake(x) and bool(x.min() >= 0)  # fake: shapes only
+        ctx.from_output = eps > 0 and not _is_fake(x) and bool(_flat(x).min() >= 0)  # fake: shapes only
         if ctx.from_output:
             z = out
         ctx.save_for_backward(x, z, h, t1)
