@@ -67,13 +67,22 @@ def test_checkpointing_keeps_outputs_and_gradients(model, dims, roi, cin, cout, 
 
 
 def test_deconver_checkpointing_is_a_switch():
-    """`checkpointing` is checked, reaches every block and can be switched on a built network; without
-    gradients (inference) nothing is checkpointed."""
+    """`checkpointing` is checked and can be switched on a built network; the network checkpoints whole
+    stages (its blocks are not checkpointed once more inside them), so that what stays saved for backward
+    is the stages' inputs and outputs only; without gradients (inference) nothing is checkpointed."""
     net = Deconver(3, 1, 1, channels=(4, 8), checkpointing=True)
     blocks = [m for m in net.modules() if type(m).__name__ == "DeconverBlock"]
-    assert net.checkpointing and blocks and all(b.checkpointing for b in blocks)
+    assert net.checkpointing and blocks and not any(b.checkpointing for b in blocks)
+    x = torch.rand(1, 1, 8, 8, 8)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+        net(x)
+    # the stages' inputs (image; stage-0 output as stage-1 input and as skip; stage-1 output as the
+    # decoder's input) and the head's input and weight: nothing from inside a block
+    expected = [(1, 1, 8, 8, 8), (1, 4, 8, 8, 8), (1, 4, 8, 8, 8), (1, 8, 4, 4, 4), (1, 4, 8, 8, 8), (1, 4, 1, 1, 1)]
+    assert sorted(kept) == sorted(expected), kept
     net.checkpointing = False
-    assert not net.checkpointing and not any(b.checkpointing for b in blocks)
+    assert not net.checkpointing
     with pytest.raises(ValueError, match="checkpointing should be True or False"):
         Deconver(3, 1, 1, channels=(4, 8), checkpointing="yes")
     net.checkpointing = True

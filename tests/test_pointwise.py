@@ -100,3 +100,24 @@ def test_block_mixer_runs_channels_last_without_layout_copies():
     assert y.is_contiguous()
     big = [e for e in prof.events() if e.name == "aten::copy_" and e.input_shapes and e.input_shapes[0][2:] == [8, 8, 8]]
     assert not big, [e.input_shapes for e in big]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_concatenation_is_read_in_parts(bias):
+    """``pointwise_cat((a, b), conv)`` equals ``conv(cat((a, b)))`` in value and in every gradient (parts of
+    either layout), and keeps the parts, not their concatenation, for backward."""
+    torch.manual_seed(5)
+    conv = torch.nn.Conv3d(7, 4, 1, bias=bias).double()
+    a = torch.randn(2, 3, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 4, 4, 5, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+    b.requires_grad_()
+    gy = torch.randn(2, 4, 4, 5, 3, dtype=torch.float64)
+    ref = conv(torch.cat([a, b], dim=1))
+    ref_grads = torch.autograd.grad(ref, [a, b, *conv.parameters()], gy)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = pw.pointwise_cat((a, b), conv)
+    assert (2, 7, 4, 5, 3) not in saved and (2, 3, 4, 5, 3) in saved
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    for x, y in zip(torch.autograd.grad(out, [a, b, *conv.parameters()], gy), ref_grads):
+        assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from deconver.nn.ndc import IMPLEMENTATIONS, NDC, _as_kernel
-from deconver.nn.pointwise import pointwise
+from deconver.nn.pointwise import pointwise, pointwise_cat
 from deconver.nn.presets import PRESETS
 
 __all__ = ["DeconvMixer", "DeconverBlock", "Deconver"]
@@ -159,7 +159,7 @@ class _DecoderStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        return self.blocks(pointwise(torch.cat([skip, self.upsample(x)], dim=1), self.adapter))
+        return self.blocks(pointwise_cat((skip, self.upsample(x)), self.adapter))  # no concatenation kept
 
 
 def _per_stage(value, n: int, name: str) -> tuple[int, ...]:
@@ -196,9 +196,10 @@ class Deconver(nn.Module):
         eps: NDC stabilizer. Default 1e-16.
         dropout: dropout in mixers and MLPs. Default 0.
         ndc_impl: ``"lean"`` (default) or ``"reference"``; switchable later via ``model.ndc_impl``.
-        checkpointing: activation checkpointing of every :class:`DeconverBlock` in training (default
-            False, the paper's computation): same values and gradients, much less memory, about one
-            more forward pass of the blocks per step (docs/nn.md); switchable via ``model.checkpointing``.
+        checkpointing: activation checkpointing of every stage (encoder stage with its downsampling,
+            the stem with stage 0; decoder stage with its upsampling and adapter) in training (default
+            False, the paper's computation): same values and gradients, much less memory, about one more
+            forward pass per step (docs/nn.md); switchable via ``model.checkpointing``.
 
     Every spatial size of the input must be divisible by :attr:`divisor` ``= 2 ** (len(channels) - 1)``.
 
@@ -300,7 +301,7 @@ class Deconver(nn.Module):
 
     @property
     def checkpointing(self) -> bool:
-        """Whether every block recomputes its forward in backward; assigning it switches them all."""
+        """Whether every stage recomputes its forward in backward (training only)."""
         return self._checkpointing
 
     @checkpointing.setter
@@ -308,9 +309,10 @@ class Deconver(nn.Module):
         if not isinstance(value, bool):
             raise ValueError(f"checkpointing should be True or False, got {value!r}")
         self._checkpointing = value
-        for b in self.modules():
-            if isinstance(b, DeconverBlock):
-                b.checkpointing = value
+
+    def _encode(self, i: int, x: Tensor) -> Tensor:
+        """Encoder stage ``i`` (the stem first at stage 0)."""
+        return self.encoder[i](self.stem(x) if i == 0 else x)
 
     @property
     def divisor(self) -> int:
@@ -364,11 +366,17 @@ class Deconver(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
             self.check_input(x)
-        x = self.stem(x)
+        # checkpointing: each stage keeps only its inputs (the skips, kept for the decoder anyway) and
+        # recomputes its forward in backward
+        ckpt = self._checkpointing and torch.is_grad_enabled() and not torch.jit.is_tracing()
+
+        def run(stage, *args):
+            return checkpoint(stage, *args, use_reentrant=False) if ckpt else stage(*args)
+
         skips = []
-        for stage in self.encoder:
-            x = stage(x)
+        for i in range(len(self.encoder)):
+            x = run(self._encode, i, x)
             skips.append(x)
         for i in reversed(range(len(self.decoder))):
-            x = self.decoder[i](x, skips[i])
+            x = run(self.decoder[i], x, skips[i])
         return pointwise(x, self.head)

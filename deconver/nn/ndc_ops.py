@@ -25,7 +25,7 @@ __all__ = [
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
-_SLAB_BYTES = 32 * 2**20  # source tensors from this size on are convolved in slabs (see _k_op)
+_SLAB_BYTES = 16 * 2**20  # largest un-summed temporary of the depth-wise K (see _k_op)
 
 def _padding(h: Tensor) -> tuple[int, ...]:
     return tuple(k // 2 for k in h.shape[2:])
@@ -75,34 +75,38 @@ def _k_op(s: Tensor, h: Tensor, groups: int) -> Tensor:
     several source channels on a channels-last CPU tensor, where oneDNN's grouped kernel pads the
     ``sc -> 1`` channels of every group to 16 and is slow. There it is a plain depth-wise convolution
     of the ``G * sc`` source channels (oneDNN's fast depth-wise kernel) summed over each group's
-    ``sc`` outputs. Source tensors of 32 MiB or more are done in up to ``2 * sc`` slabs (of at least
-    8 rows) along the first spatial axis (halo ``k // 2``), so that the un-summed temporary stays
-    about half the size of ``K(s)``. Same result up to summation order.
+    ``sc`` outputs, in slabs along the first spatial axis whose un-summed temporary stays below
+    ``_SLAB_BYTES`` (small blocks the allocator reuses instead of mapping fresh pages for each).
+    An inner slab reads its ``k // 2`` halo rows and is convolved without padding along that axis, so
+    no row is computed twice. Same result up to summation order.
     """
     c, sc, *ks = h.shape
     if c != groups or sc == 1 or s.device.type != "cpu" or not _is_channels_last(s) or _is_fake(s):
         return ndc_forward_op(s, h, groups)
     b, _, n, *rest = s.shape
     d = len(ks)
-    weight = h.reshape(c * sc, 1, *ks)
-    pad = _padding(h)
+    conv, weight, pad = _CONV[d], h.reshape(c * sc, 1, *ks), _padding(h)
     out = torch.empty((b, c, n, *rest), dtype=s.dtype, device=s.device, memory_format=_CHANNELS_LAST[d])
     out_last = out.permute(0, *range(2, d + 2), 1)  # (B, *S, C) view of out's memory
-    # slabs only pay off for large samples (halo rows are computed twice): at least 8 rows each;
-    # with slabs, one sample at a time, so that every slab is a dense channels-last block
-    per_sample = s[0].numel() * s.element_size()
-    slabs = 1 if per_sample < _SLAB_BYTES else max(1, min(2 * sc, n // 8))
-    step = -(-n // slabs)
-    for i in range(b) if slabs > 1 else [None]:
-        src = s if i is None else s.narrow(0, i, 1)
-        dst = out_last if i is None else out_last.narrow(0, i, 1)
-        for lo_out in range(0, n, step):
-            hi_out = min(n, lo_out + step)
-            lo, hi = max(0, lo_out - pad[0]), min(n, hi_out + pad[0])
-            # zero padding on every side; rows next to an inner slab boundary are wrong and dropped
-            y = _CONV[d](src.narrow(2, lo, hi - lo), weight, padding=pad, groups=c * sc)
-            y = y.narrow(2, lo_out - lo, hi_out - lo_out).permute(0, *range(2, d + 2), 1)  # (b, *S', C*sc)
-            torch.sum(y.unflatten(-1, (c, sc)), dim=-1, out=dst.narrow(1, lo_out, hi_out - lo_out))
+    row = s[0, :, 0].numel() * s.element_size()  # one row of one sample, un-summed
+    batch = b if b * n * row <= _SLAB_BYTES else 1  # samples per convolution
+    rows = n if batch > 1 else max(1, min(n, _SLAB_BYTES // row))  # output rows per slab
+    for i in range(0, b, batch):
+        src, dst = s.narrow(0, i, batch), out_last.narrow(0, i, batch)
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            first, last = lo - pad[0], hi + pad[0]  # input rows the slab needs
+            if first >= 0 and last <= n:  # inner slab: exactly hi - lo rows, no padding on this axis
+                y = conv(src.narrow(2, first, last - first), weight, padding=(0, *pad[1:]), groups=c * sc)
+            else:  # at the border: zero padding on every side, the rows beyond the slab dropped
+                first, last = max(0, first), min(n, last)
+                y = conv(src.narrow(2, first, last - first), weight, padding=pad, groups=c * sc)
+                y = y.narrow(2, lo - first, hi - lo)
+            y = y.permute(0, *range(2, d + 2), 1).unflatten(-1, (c, sc))  # (batch, rows, *S', C, sc)
+            o = dst.narrow(1, lo, hi - lo)
+            torch.add(y[..., 0], y[..., 1], out=o)  # (sc - 1 adds: faster than a sum over the last axis)
+            for j in range(2, sc):
+                o.add_(y[..., j])
     return out
 
 

@@ -16,13 +16,15 @@ autocast, shape-only tensors, tracers) the module's own convolution runs: the sa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deconver.nn.ndc_ops import _CHANNELS_LAST, _is_channels_last, _is_fake
 
-__all__ = ["pointwise"]
+__all__ = ["pointwise", "pointwise_cat"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _GEMM_DTYPES = (torch.float32, torch.float64)
@@ -37,30 +39,37 @@ def _matrices(t: Tensor) -> Tensor:
     return t.contiguous().view(b, c, -1)
 
 
-def _mm(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None) -> None:
-    """``out = a @ b (+ bias[:, None])`` with ``out`` a 2D view that is row- or column-major: the
-    transposed problem where it is column-major, so that BLAS writes it in place (no copy)."""
-    if out.stride(-1) != 1:
+def _mm(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, accumulate: bool = False) -> None:
+    """``out = a @ b (+ bias[:, None])`` (``accumulate``: ``out += a @ b``) with ``out`` a 2D view that is
+    row- or column-major: the transposed problem where it is column-major, so that BLAS writes it in
+    place (no copy)."""
+    transposed = out.stride(-1) != 1
+    if transposed:
         a, b, out = b.t(), a.t(), out.t()
-        if bias is not None:
-            torch.addmm(bias.unsqueeze(0), a, b, out=out)
-            return
+    if accumulate:
+        out.addmm_(a, b)
     elif bias is not None:
-        torch.addmm(bias.unsqueeze(1), a, b, out=out)
-        return
-    torch.mm(a, b, out=out)
+        torch.addmm(bias.unsqueeze(0) if transposed else bias.unsqueeze(1), a, b, out=out)
+    else:
+        torch.mm(a, b, out=out)
 
 
-def _gemm_forward(a: Tensor, weight: Tensor, bias: Tensor | None, channels_last: bool) -> Tensor:
+def _gemm_forward(a: Tensor | tuple[Tensor, ...], weight: Tensor, bias: Tensor | None, channels_last: bool) -> Tensor:
     """``conv(a, weight, bias)`` for a 1x1 ``weight``: per sample ``out = W a (+ b)`` written into a
-    tensor of the requested layout."""
-    b, c, *spatial = a.shape
+    tensor of the requested layout. A tuple ``a`` is read as its concatenation along the channels
+    (``W`` split into the matching column blocks), which is never built."""
+    parts = a if isinstance(a, tuple) else (a,)
+    b, _, *spatial = parts[0].shape
     o = weight.shape[0]
     fmt = _CHANNELS_LAST[len(spatial)] if channels_last and len(spatial) in _CHANNELS_LAST else torch.contiguous_format
-    out = torch.empty((b, o, *spatial), dtype=a.dtype, device=a.device, memory_format=fmt)
-    am, om, w2 = _matrices(a), _matrices(out), weight.reshape(o, c)
-    for i in range(b):
-        _mm(w2, am[i], om[i], bias)
+    out = torch.empty((b, o, *spatial), dtype=parts[0].dtype, device=parts[0].device, memory_format=fmt)
+    om, w2 = _matrices(out), weight.reshape(o, -1)
+    lo = 0
+    for k, part in enumerate(parts):
+        am, wk = _matrices(part), w2[:, lo:lo + part.shape[1]]
+        for i in range(b):
+            _mm(wk, am[i], om[i], bias, accumulate=k > 0)
+        lo += part.shape[1]
     return out
 
 
@@ -121,6 +130,39 @@ class _Pointwise(torch.autograd.Function):
         if ctx.fn is not None and need_h:
             g_a = torch.autograd.grad(a, h_, g_a)[0]
         return g_a, g_w, g_b, None, None, None, None
+
+
+class _PointwiseCat(torch.autograd.Function):
+    """``conv1x1(cat(xs, dim=1))`` on the CPU GEMM path without building the concatenation: only the
+    parts are kept for backward (a decoder's skip is kept by the encoder anyway)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, bias: Tensor | None, *xs: Tensor):
+        ctx.save_for_backward(weight, *xs)
+        ctx.has_bias = bias is not None
+        return _gemm_forward(xs, weight, bias, channels_last=False)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, *xs = ctx.saved_tensors
+        need_w, need_b = ctx.needs_input_grad[:2]
+        grads, g_ws, lo = [], [], 0
+        for k, x in enumerate(xs):
+            wk = weight[:, lo:lo + x.shape[1]]
+            g_x, g_w, _ = _gemm_backward(grad, x, wk, ctx.needs_input_grad[2 + k], need_w, False)
+            grads.append(g_x)
+            g_ws.append(g_w)
+            lo += x.shape[1]
+        g_b = _matrices(grad).sum(dim=(0, 2)) if need_b and ctx.has_bias else None
+        return (torch.cat(g_ws, dim=1) if need_w else None), g_b, *grads
+
+
+def pointwise_cat(xs: Sequence[Tensor], linear: nn.Module) -> Tensor:
+    """``linear(torch.cat(xs, dim=1))``; on the CPU GEMM path in training without the concatenation
+    (NC(D)HW output), elsewhere as written."""
+    if torch.is_grad_enabled() and all(_gemm_ok(x) for x in xs):
+        return _PointwiseCat.apply(linear.weight, linear.bias, *xs)
+    return linear(torch.cat(list(xs), dim=1))
 
 
 def _gemm_ok(h: Tensor) -> bool:
