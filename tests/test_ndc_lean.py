@@ -157,6 +157,27 @@ def test_depthwise_k_by_slabs_matches_grouped_convolution(dims, size, sc, kernel
     assert torch.allclose(out, ndc_forward_op(s.contiguous(), h, 6), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("num_iters", [1, 2])
+@pytest.mark.parametrize("dims,size,kernel", [(3, (7, 5, 4), 3), (3, (4, 3, 5), 5), (2, (9, 6), 3)])
+def test_update_by_slabs_matches_reference(dims, size, kernel, num_iters, monkeypatch):
+    """The CPU channels-last update computed slab by slab (one-row slabs here, a batch of two: inner
+    slabs without padding, border slabs padded) gives the reference's output and gradients."""
+    import deconver.nn.ndc_ops as ndc_ops
+
+    monkeypatch.setattr(ndc_ops, "_SLAB_BYTES", 0)
+    torch.manual_seed(13)
+    layer = NDC(6, kernel, ratio=2, num_iters=num_iters, spatial_dims=dims).double()
+    x = torch.rand(2, 6, *size, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    lean = (y, *torch.autograd.grad(y, [x, *layer.parameters()], gy))
+    layer.impl = "reference"
+    y = layer(x)
+    ref = (y, *torch.autograd.grad(y, [x, *layer.parameters()], gy))
+    for a, b in zip(lean, ref):
+        assert ((a - b).norm() / b.norm()).item() <= 1e-10
+
+
 @pytest.mark.parametrize("groups,m,sc", [(8, 1, 4), (8, 1, 1), (4, 2, 3), (16, 1, 2), (2, 4, 4)])
 def test_merged_filter_gradient_matches_autograd(groups, m, sc):
     """Filter gradients taken with merged (block-diagonal) groups equal autograd's."""

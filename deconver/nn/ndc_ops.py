@@ -25,7 +25,7 @@ __all__ = [
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
-_SLAB_BYTES = 16 * 2**20  # largest un-summed temporary of the depth-wise K (see _k_op)
+_SLAB_BYTES = 16 * 2**20  # largest temporary of a slab of the CPU update (see _slabs)
 
 def _padding(h: Tensor) -> tuple[int, ...]:
     return tuple(k // 2 for k in h.shape[2:])
@@ -70,44 +70,61 @@ def _is_fake(t: Tensor) -> bool:
     return isinstance(t, FakeTensor)
 
 
+def _slabs(t: Tensor, row_bytes: int):
+    """``(i, batch, lo, hi)``: samples ``i:i+batch`` and rows ``lo:hi`` of the first spatial axis of ``t``
+    such that a temporary of ``row_bytes`` per row and sample stays below ``_SLAB_BYTES`` (the whole
+    batch at once when it fits, else one sample at a time in slabs of rows)."""
+    b, n = t.shape[0], t.shape[2]
+    batch = b if b * n * row_bytes <= _SLAB_BYTES else 1
+    rows = n if batch > 1 else max(1, min(n, _SLAB_BYTES // row_bytes))
+    for i in range(0, b, batch):
+        for lo in range(0, n, rows):
+            yield i, batch, lo, min(n, lo + rows)
+
+
+def _conv_rows(src: Tensor, weight: Tensor, groups: int, lo: int, hi: int) -> Tensor:
+    """Rows ``lo:hi`` (first spatial axis) of ``conv(src, weight)`` with zero "same" padding, reading only
+    the rows they need: an inner slab reads its ``k // 2`` halo rows and is convolved without padding
+    along that axis, so no row is computed twice."""
+    n, pad = src.shape[2], _padding(weight)
+    first, last = lo - pad[0], hi + pad[0]
+    conv = _CONV[weight.dim() - 2]
+    if first >= 0 and last <= n:
+        return conv(src.narrow(2, first, last - first), weight, padding=(0, *pad[1:]), groups=groups)
+    first, last = max(0, first), min(n, last)  # at the border: padded on every side, extra rows dropped
+    return conv(src.narrow(2, first, last - first), weight, padding=pad, groups=groups).narrow(2, lo - first, hi - lo)
+
+
 def _k_op(s: Tensor, h: Tensor, groups: int) -> Tensor:
     """``K(s)`` for the lean path: as :func:`ndc_forward_op`, except for a depth-wise filter with
     several source channels on a channels-last CPU tensor, where oneDNN's grouped kernel pads the
     ``sc -> 1`` channels of every group to 16 and is slow. There it is a plain depth-wise convolution
     of the ``G * sc`` source channels (oneDNN's fast depth-wise kernel) summed over each group's
-    ``sc`` outputs, in slabs along the first spatial axis whose un-summed temporary stays below
-    ``_SLAB_BYTES`` (small blocks the allocator reuses instead of mapping fresh pages for each).
-    An inner slab reads its ``k // 2`` halo rows and is convolved without padding along that axis, so
-    no row is computed twice. Same result up to summation order.
+    ``sc`` outputs, in slabs (:func:`_slabs`, :func:`_conv_rows`) whose un-summed temporary stays below
+    ``_SLAB_BYTES``: small blocks the allocator reuses instead of mapping fresh pages for each. Same
+    result up to summation order.
     """
     c, sc, *ks = h.shape
-    if c != groups or sc == 1 or s.device.type != "cpu" or not _is_channels_last(s) or _is_fake(s):
+    if c != groups or sc == 1 or not _slab_path(s):
         return ndc_forward_op(s, h, groups)
     b, _, n, *rest = s.shape
     d = len(ks)
-    conv, weight, pad = _CONV[d], h.reshape(c * sc, 1, *ks), _padding(h)
+    weight = h.reshape(c * sc, 1, *ks)
     out = torch.empty((b, c, n, *rest), dtype=s.dtype, device=s.device, memory_format=_CHANNELS_LAST[d])
     out_last = out.permute(0, *range(2, d + 2), 1)  # (B, *S, C) view of out's memory
-    row = s[0, :, 0].numel() * s.element_size()  # one row of one sample, un-summed
-    batch = b if b * n * row <= _SLAB_BYTES else 1  # samples per convolution
-    rows = n if batch > 1 else max(1, min(n, _SLAB_BYTES // row))  # output rows per slab
-    for i in range(0, b, batch):
-        src, dst = s.narrow(0, i, batch), out_last.narrow(0, i, batch)
-        for lo in range(0, n, rows):
-            hi = min(n, lo + rows)
-            first, last = lo - pad[0], hi + pad[0]  # input rows the slab needs
-            if first >= 0 and last <= n:  # inner slab: exactly hi - lo rows, no padding on this axis
-                y = conv(src.narrow(2, first, last - first), weight, padding=(0, *pad[1:]), groups=c * sc)
-            else:  # at the border: zero padding on every side, the rows beyond the slab dropped
-                first, last = max(0, first), min(n, last)
-                y = conv(src.narrow(2, first, last - first), weight, padding=pad, groups=c * sc)
-                y = y.narrow(2, lo - first, hi - lo)
-            y = y.permute(0, *range(2, d + 2), 1).unflatten(-1, (c, sc))  # (batch, rows, *S', C, sc)
-            o = dst.narrow(1, lo, hi - lo)
-            torch.add(y[..., 0], y[..., 1], out=o)  # (sc - 1 adds: faster than a sum over the last axis)
-            for j in range(2, sc):
-                o.add_(y[..., j])
+    for i, batch, lo, hi in _slabs(s, s[0, :, 0].numel() * s.element_size()):
+        y = _conv_rows(s.narrow(0, i, batch), weight, c * sc, lo, hi)
+        y = y.permute(0, *range(2, d + 2), 1).unflatten(-1, (c, sc))  # (batch, rows, *S', C, sc)
+        o = out_last.narrow(0, i, batch).narrow(1, lo, hi - lo)
+        torch.add(y[..., 0], y[..., 1], out=o)  # (sc - 1 adds: faster than a sum over the last axis)
+        for j in range(2, sc):
+            o.add_(y[..., j])
     return out
+
+
+def _slab_path(t: Tensor) -> bool:
+    """Whether the lean update works in slabs: a real channels-last CPU tensor."""
+    return t.device.type == "cpu" and _is_channels_last(t) and not _is_fake(t)
 
 
 def ndc_adjoint(y: Tensor, h: Tensor, groups: int) -> Tensor:

@@ -18,11 +18,14 @@ from torch import Tensor
 from deconver.nn.ndc_ops import (
     _adjoint_filter_grad,
     _conv_like,
+    _conv_rows,
     _filter_grad_from_adjoint,
     _flat,
     _is_fake,
     _k_op,
     _like_layout,
+    _slab_path,
+    _slabs,
     adjoint_weight,
 )
 
@@ -56,16 +59,30 @@ def _lean_update_forward(
     """``(s * (A(x) + eps) / (A(K(s)) + eps), K(s))`` with ``s = relu(z)`` (or ``z``).
 
     Full-size (source-sized) allocations: ``s`` (which becomes the output), ``A(x)`` and ``A(K(s))``;
-    at most two of them alive at a time.
+    at most two of them alive at a time. On the CPU in channels-last, ``A(x)`` and ``A(K(s))`` exist
+    only slab by slab (:func:`_slab_update`): the output is the only source-sized allocation.
     """
     wa = adjoint_weight(h, groups).contiguous()
     s = torch.relu(z) if relu_input else z
     t1 = _k_op(s, h, groups)
+    if _slab_path(s):
+        return _slab_update(_like_layout(x, z), s if relu_input else torch.empty_like(s), s, t1, wa, groups, eps), t1
     num = _conv_like(_like_layout(x, z), wa, groups).add_(eps)
     out = s.mul_(num) if relu_input else num.mul_(s)  # s * num (``s`` is ours when relu_input)
     del num
     out.div_(_conv_like(t1, wa, groups).add_(eps))
     return out, t1
+
+
+def _slab_update(x: Tensor, out: Tensor, s: Tensor, t1: Tensor, wa: Tensor, groups: int, eps: float) -> Tensor:
+    """``out = s * (A(x) + eps) / (A(t1) + eps)`` slab by slab along the first spatial axis (``out`` may
+    be ``s``): the adjoints' temporaries stay below ``_SLAB_BYTES`` and in cache for the update."""
+    for i, batch, lo, hi in _slabs(s, 2 * s[0, :, 0].numel() * s.element_size()):  # two temporaries
+        num = _conv_rows(x.narrow(0, i, batch), wa, groups, lo, hi).add_(eps)
+        den = _conv_rows(t1.narrow(0, i, batch), wa, groups, lo, hi).add_(eps)
+        o = out.narrow(0, i, batch).narrow(2, lo, hi - lo)
+        torch.mul(s.narrow(0, i, batch).narrow(2, lo, hi - lo), num, out=o).div_(den)
+    return out
 
 
 def _lean_backward(g: Tensor, x: Tensor, saved: Tensor, h: Tensor, t1: Tensor, groups: int, eps: float,

@@ -73,17 +73,14 @@ def _gemm_forward(a: Tensor | tuple[Tensor, ...], weight: Tensor, bias: Tensor |
     return out
 
 
-def _gemm_backward(grad: Tensor, a: Tensor, weight: Tensor, need_a: bool, need_w: bool, need_b: bool):
-    """Gradients of :func:`_gemm_forward` w.r.t. ``a`` (in ``a``'s layout), the weight and the bias."""
+def _gemm_backward(grad: Tensor, a: Tensor, weight: Tensor, need_a: bool, need_w: bool, need_b: bool,
+                   reuse_a: bool = False):
+    """Gradients of :func:`_gemm_forward` w.r.t. ``a`` (in ``a``'s layout), the weight and the bias;
+    ``reuse_a``: ``a``'s gradient is written over ``a`` (taken last), no new buffer."""
     gm, am = _matrices(grad), _matrices(a)
     o, c = weight.shape[:2]
     w2 = weight.reshape(o, c)
     g_a = g_w = g_b = None
-    if need_a:
-        g_a = torch.empty_like(a)
-        gam = _matrices(g_a)
-        for i in range(a.shape[0]):
-            _mm(w2.t(), gm[i], gam[i])
     if need_w:
         g_w = torch.mm(gm[0], am[0].t())
         for i in range(1, a.shape[0]):
@@ -91,6 +88,11 @@ def _gemm_backward(grad: Tensor, a: Tensor, weight: Tensor, need_a: bool, need_w
         g_w = g_w.view_as(weight)
     if need_b:
         g_b = gm.sum(dim=(0, 2))
+    if need_a:
+        g_a = a if reuse_a else torch.empty_like(a)
+        gam = _matrices(g_a)
+        for i in range(a.shape[0]):
+            _mm(w2.t(), gm[i], gam[i])
     return g_a, g_w, g_b
 
 
@@ -115,6 +117,12 @@ class _Pointwise(torch.autograd.Function):
         h, weight = ctx.saved_tensors
         d = h.dim() - 2
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.gemm and isinstance(ctx.fn, nn.GELU):  # one buffer: GELU(h), then its gradient in place
+            a = ctx.fn(h)
+            g_a, g_w, g_b = _gemm_backward(grad, a, weight, need_h, need_w, need_b and ctx.has_bias, reuse_a=True)
+            if need_h:  # GELU's backward reads h, not its output: it may overwrite its incoming gradient
+                g_a = torch.ops.aten.gelu_backward.grad_input(g_a, h, approximate=ctx.fn.approximate, grad_input=g_a)
+            return g_a, g_w, g_b, None, None, None, None
         a = h_ = h
         if ctx.fn is not None:
             with torch.enable_grad():
