@@ -5,7 +5,8 @@ loss on the model's logits, backward, AdamW update).
     python benchmarks/train.py [--models unet,dynunet] [--presets hippocampus,isles22] [--steps 2]
                                [--batch-size 1|preset] [--device cpu|cuda] [--timeout 600]
                                [--precisions 32,bf16-mixed] [--variant deconver:checkpointing=true]
-                               [--reference dynunet] [--profile] [--out results/benchmarks/train.json]
+                               [--reference dynunet] [--profile] [--child-env KEY=VALUE]
+                               [--out results/benchmarks/train.json]
 
 Each (model, preset) runs in its own process, so peak memory is that pair's alone: on a GPU, CUDA's
 max allocated bytes; on the CPU, the process's peak RSS and its increase over the RSS before the first
@@ -30,6 +31,9 @@ paper rois do not fit a small machine); on a GPU the preset's batch; never below
   the resident set before it (model, optimizer state and batch). The timing process runs with the
   default allocator; it also records process CPU seconds per step (less sensitive than wall time to a
   shared machine's load). The machine's load average is recorded before and after.
+* ``--child-env KEY=VALUE`` (repeatable): environment variables of every timing process, e.g. glibc's
+  ``MALLOC_MMAP_MAX_=0`` (large tensors then come from the heap and are reused instead of being mapped
+  afresh, page by page, at every allocation); recorded in the JSON. The memory process keeps its own.
 """
 from __future__ import annotations
 
@@ -213,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads of every run (default: "
                         "torch's); 1 on a shared machine, where OpenMP threads waiting at barriers for a "
                         "descheduled partner inflate the time of some kernels many times")
+    parser.add_argument("--child-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable of every timing process (repeatable), e.g. MALLOC_MMAP_MAX_=0")
     parser.add_argument("--out", default=str(REPO / "results" / "benchmarks" / "train.json"))
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "PRESET"), help=argparse.SUPPRESS)
     parser.add_argument("--child-kwargs", default="{}", help=argparse.SUPPRESS)
@@ -243,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     pairs, results = plan(models, args.presets.split(","))
     runs = [(model, preset_name, kwargs, precision) for model, preset_name in pairs for precision in precisions
             for kwargs in [{}] + [kw for name, kw in args.variant if name == model]]
+    if any("=" not in item for item in args.child_env):
+        parser.error(f"--child-env {args.child_env!r}: expected KEY=VALUE")
+    child_env = dict(os.environ, **dict(item.split("=", 1) for item in args.child_env))
     load_before = os.getloadavg()
     for model, preset_name, kwargs, precision in tqdm(runs, desc="train-step benchmark", unit="run", file=sys.stderr):
         cmd = [sys.executable, __file__, "--child", model, preset_name, "--steps", str(args.steps),
@@ -254,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append({**what, **_in_process(model, preset_name, args.steps, batch, device, kwargs, precision,
                                                    profile, "time", args.threads)})
             continue
-        timed = _run_child(cmd + (["--profile"] if profile else []), dict(os.environ), args.timeout)
+        timed = _run_child(cmd + (["--profile"] if profile else []), child_env, args.timeout)
         if timed.get("status") == "ok" and device == "cpu" and not args.no_memory:  # exact peak: see MALLOC_ENV
             mem = _run_child(cmd + ["--child-mode", "memory"], dict(os.environ, **MALLOC_ENV), args.timeout)
             timed["peak_memory_timing_process_mb"] = timed["peak_memory_mb"]
@@ -277,6 +286,7 @@ def write_report(args, device: str, batch: str, precisions: list[str], load_befo
     add_ratios(results, args.reference)
     report = {"benchmark": "train_step", "device": device, "batch_size": batch, "steps": args.steps,
               "threads": args.threads, "precisions": precisions, "reference": args.reference,
+              "child_env": args.child_env,
               "load_average": {"before": load_before, "after": os.getloadavg()},
               "provenance": provenance(device), "results": results}
     write_json_atomic(args.out, report)

@@ -215,3 +215,27 @@ def test_backward_from_output_or_projection_matches_reference(nonnegative, num_i
     ref = torch.autograd.grad(layer(x), [x, *layer.parameters()], gy)
     for a, b in zip(lean, ref):
         assert ((a - b).norm() / b.norm()).item() <= 1e-10
+
+
+def test_update_overwrites_the_callers_projection_when_allowed():
+    """``own_z=True`` (the layer's first update, whose ``z`` is its own projection): with ``x >= 0`` on the
+    CPU slab path the update is computed in ``z``'s memory and returned as ``z`` — no new source-sized
+    tensor — with the same output and gradients as without it; with a negative ``x`` (``z`` needed in
+    backward) ``z`` is left alone."""
+    from deconver.nn.ndc_update import NDCUpdate
+
+    torch.manual_seed(14)
+    h = torch.rand(6, 2, 3, 3, 3, dtype=torch.float64)
+    for shift in (0.0, 0.3):
+        x = (torch.rand(2, 6, 5, 4, 3, dtype=torch.float64) - shift).contiguous(memory_format=torch.channels_last_3d)
+        w = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
+        gy = torch.randn(2, 12, 5, 4, 3, dtype=torch.float64)
+        runs = []
+        for own in (False, True):
+            z = torch.einsum("oc,bcdhw->bodhw", w, x).contiguous(memory_format=torch.channels_last_3d)
+            ptr = z.data_ptr()
+            out = NDCUpdate.apply(x, z, h, 6, 1e-16, True, own)
+            runs.append((out.detach().clone(), torch.autograd.grad(out, w, gy)[0], out.data_ptr() == ptr))
+        assert torch.allclose(runs[0][0], runs[1][0], rtol=1e-12, atol=1e-14)
+        assert torch.allclose(runs[0][1], runs[1][1], rtol=1e-10, atol=1e-12)
+        assert not runs[0][2] and runs[1][2] == (shift == 0.0)

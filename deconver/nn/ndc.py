@@ -269,7 +269,7 @@ class NDC(nn.Module):
         relu_input = True
         for it in range(1, self.num_iters + 1):
             with self._grad_context(it):  # one NDCUpdate node per update (also under no_grad,
-                s = NDCUpdate.apply(x, s, h, self.groups, self.eps, relu_input)  # for tracers)
+                s = NDCUpdate.apply(x, s, h, self.groups, self.eps, relu_input, it == 1)  # for tracers)
             relu_input = False
         return torch.relu(s) if relu_input else s
 

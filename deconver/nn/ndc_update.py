@@ -54,7 +54,7 @@ def _use_fused(x: Tensor, z: Tensor, h: Tensor, groups: int) -> bool:
 
 
 def _lean_update_forward(
-    x: Tensor, z: Tensor, h: Tensor, groups: int, eps: float, relu_input: bool
+    x: Tensor, z: Tensor, h: Tensor, groups: int, eps: float, relu_input: bool, out_is_z: bool = False
 ) -> tuple[Tensor, Tensor]:
     """``(s * (A(x) + eps) / (A(K(s)) + eps), K(s))`` with ``s = relu(z)`` (or ``z``).
 
@@ -66,7 +66,8 @@ def _lean_update_forward(
     s = torch.relu(z) if relu_input else z
     t1 = _k_op(s, h, groups)
     if _slab_path(s):
-        return _slab_update(_like_layout(x, z), s if relu_input else torch.empty_like(s), s, t1, wa, groups, eps), t1
+        out = s if relu_input or out_is_z else torch.empty_like(s)
+        return _slab_update(_like_layout(x, z), out, s, t1, wa, groups, eps), t1
     num = _conv_like(_like_layout(x, z), wa, groups).add_(eps)
     out = s.mul_(num) if relu_input else num.mul_(s)  # s * num (``s`` is ours when relu_input)
     del num
@@ -129,8 +130,9 @@ def _lean_backward(g: Tensor, x: Tensor, saved: Tensor, h: Tensor, t1: Tensor, g
         p = r.mul_(g)  # dL/ds, direct term: g * N / D
         b3 = _conv_like(gt1, wa, groups)
         p.add_(b3)  # + K^T(dL/dt1)
+        del b3
         if relu_input:  # relu's derivative: 1 where z > 0, i.e. where relu(z) > 0 and where out > 0
-            p.mul_(torch.clamp(saved, min=0, out=b3).sign_())
+            p = torch.ops.aten.threshold_backward.grad_input(p, saved, 0, grad_input=p)  # one pass, in place
         gz = p
     gh = _filter_grad_from_adjoint(gwa, h, groups) if need_h else None
     return gx, gz, gh
@@ -139,7 +141,7 @@ def _lean_backward(g: Tensor, x: Tensor, saved: Tensor, h: Tensor, t1: Tensor, g
 class NDCUpdate(torch.autograd.Function):
     """One NDC multiplicative update as a single autograd node (the ``"lean"`` implementation).
 
-    ``NDCUpdate.apply(x, z, h, groups, eps, relu_input)`` returns
+    ``NDCUpdate.apply(x, z, h, groups, eps, relu_input, own_z=False)`` returns
     ``s * (A(x) + eps) / (A(K(s)) + eps)`` with ``s = relu(z)`` if ``relu_input`` else ``s = z``;
     ``x``: ``(B, C, *S)``; ``z``: ``(B, G*sc, *S)`` (the pre-activation projection, bias included, for
     the first update; the previous iterate for later ones); ``h``: the rectified filter ``(C, sc, *k)``,
@@ -149,7 +151,9 @@ class NDCUpdate(torch.autograd.Function):
     Saved for backward: ``x``, ``z`` and ``K(s)`` (plus the small ``h``); with ``x >= 0`` and ``eps > 0``
     the output replaces ``z`` (``s = out * D / N``, see :func:`_lean_backward`; the fused kernels do the
     same), so the caller must not modify the output in place. ``A(x)``
-    and ``A(K(s))`` are recomputed in backward. Not twice differentiable.
+    and ``A(K(s))`` are recomputed in backward. Not twice differentiable. ``own_z``: ``z`` is the
+    caller's temporary (the layer's projection); where ``z`` is then not needed in backward (``x >= 0``,
+    CPU slab path) the update is computed in ``z``'s memory and returns ``z`` itself (marked dirty).
 
     Cost (for FLOP counters; the class name is stable: TorchScript/fvcore see this node as
     ``prim::PythonOp`` named ``NDCUpdate``, fvcore's handle key ``"prim::PythonOp.NDCUpdate"``):
@@ -161,17 +165,22 @@ class NDCUpdate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, z: Tensor, h: Tensor, groups: int, eps: float, relu_input: bool):
-        ctx.fused = _use_fused(x, z, h, groups)
-        if ctx.fused:
-            x, z, h = x.contiguous(), z.contiguous(), h.contiguous()
-            out, t1 = _triton_kernels().update_forward(x, z, h, eps, relu_input)
-        else:
-            out, t1 = _lean_update_forward(x, z, h, groups, eps, relu_input)
+    def forward(ctx, x: Tensor, z: Tensor, h: Tensor, groups: int, eps: float, relu_input: bool,
+                own_z: bool = False):
         # With x >= 0 (the mixer's ReLU gives it) and eps > 0, N = A(x) + eps > 0, so s = out * D / N
         # can be recovered in backward: keep the output (alive anyway: the next layer holds it)
         # instead of z, one source-sized tensor less over the layer's lifetime (both paths).
         ctx.from_output = eps > 0 and not _is_fake(x) and bool(_flat(x).min() >= 0)  # fake: shapes only
+        ctx.fused = _use_fused(x, z, h, groups)
+        if ctx.fused:
+            x, z, h = x.contiguous(), z.contiguous(), h.contiguous()
+            out, t1 = _triton_kernels().update_forward(x, z, h, eps, relu_input)
+        elif own_z and relu_input and ctx.from_output and _slab_path(z):
+            # z is the caller's temporary and not needed in backward: the update overwrites it
+            out, t1 = _lean_update_forward(x, z.relu_(), h, groups, eps, relu_input=False, out_is_z=True)
+            ctx.mark_dirty(z)
+        else:
+            out, t1 = _lean_update_forward(x, z, h, groups, eps, relu_input)
         if ctx.from_output:
             z = out
         ctx.save_for_backward(x, z, h, t1)
@@ -191,6 +200,6 @@ class NDCUpdate(torch.autograd.Function):
         if ctx.fused:
             gx, gz, gh = _triton_kernels().update_backward(g, x, z, h, t1, eps, relu_input, need_x, need_z, need_h,
                                                            from_output=ctx.from_output)
-            return gx, gz, gh, None, None, None
+            return gx, gz, gh, None, None, None, None
         gx, gz, gh = _lean_backward(g, x, z, h, t1, groups, eps, relu_input, ctx.from_output, need_x, need_z, need_h)
-        return gx, gz, gh, None, None, None
+        return gx, gz, gh, None, None, None, None
