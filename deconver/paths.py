@@ -118,6 +118,11 @@ class StudyPaths:
     def logs(self) -> Path:
         return self.results / "logs"
 
+    def synthetic_record(self, dataset: str) -> Path:
+        """This study's copy of a synthetic stand-in's marker (what it used: kind, cases, seed); the
+        workflow's `synth` output, so that Snakemake never deletes the shared stand-in's own marker."""
+        return self.results / "synthetic" / f"{dataset}.txt"
+
     def inventory(self, dataset: str) -> Path:
         return self.results / "inventory" / f"{dataset}.json"
 

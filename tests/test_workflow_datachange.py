@@ -3,6 +3,8 @@
 * SIGINT to the Snakemake process alone mid-run, then the same command: the jobs it left incomplete
   are redone (profiles/default sets rerun-incomplete), it does not stop with IncompleteFilesException,
   and with the data unchanged a dry run then has nothing to do (the inventory is stable);
+* a changed model configuration of finished runs stops the workflow before any job, naming the runs
+  (a changed study is a new study name), and deletes nothing; the original configuration has nothing to do;
 * the dataset grows from 10 to 16 cases: `snakemake -n` lists exactly the changed dataset's prepare,
   split, train, predict and evaluate (and aggregate, report) with the inventory as the reason, the rerun
   retrains that run from scratch on the new fold (no validation case seen in training, from the run's
@@ -83,6 +85,15 @@ def grown(tmp_path_factory):
     hippocampus_subset(work / "growing" / "Task04_Hippocampus", 16)
     state["dry"] = run_snakemake(*args, "-n", timeout=300).stdout
     state["rerun"] = run_snakemake(*args, timeout=900).stdout
+    # 4. the study's model configuration changes under the finished runs: the workflow stops before any
+    # job, naming the changed runs; nothing of the old runs is touched
+    changed = _study(work)
+    changed["model_overrides"]["unet"]["channels"] = [4, 12]
+    write_study(work, changed)
+    state["changed_run"] = run_snakemake(*args, check=False, timeout=300)
+    state["after_change"] = {p: p.stat().st_mtime_ns if p.is_file() else None for p in (run / "final.ckpt", steady / "final.ckpt")}
+    write_study(work, _study(work))  # the original again: nothing to do
+    state["restored_dry"] = run_snakemake(*args, "-n", timeout=300).stdout
     return state
 
 
@@ -131,3 +142,17 @@ def test_the_grown_dataset_is_retrained_from_scratch_and_validated_on_unseen_cas
     assert evaluated == set(record["val_ids"])
     # the dataset that did not change kept its run
     assert (grown["steady"] / "final.ckpt").stat().st_mtime_ns == grown["steady_mtime"]
+
+
+def test_a_changed_model_configuration_stops_the_workflow_before_any_job(grown):
+    if "changed_run" not in grown:
+        pytest.fail("the study did not complete: " + grown["resumed"].stdout[-2000:])
+    out = grown["changed_run"]
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "configuration of 2 run(s)" in text and "new `study` name" in text, text[-3000:]
+    assert "runs/growing/unet/fold0" in text and "runs/steady/unet/fold0" in text
+    assert "rule train" not in text  # no job ran
+    assert None not in grown["after_change"].values()  # nothing deleted
+    assert grown["after_change"][grown["steady"] / "final.ckpt"] == grown["steady_mtime"]
+    assert "Nothing to be done" in grown["restored_dry"], grown["restored_dry"][-2000:]

@@ -235,6 +235,27 @@ def test_jobs_find_the_cli_without_the_environment_on_path(tmp_path):
     study = write_study(tmp_path, smoke_config(datasets={"glas": smoke_config()["datasets"]["glas"]}))
     env = tool_env(PATH=os.pathsep.join(["/usr/bin", "/bin"]))
     assert sys.prefix not in env["PATH"]
-    run_snakemake("--cores", "1", "--configfile", study, "--directory", tmp_path, "data/glas/SYNTHETIC.txt",
+    run_snakemake("--cores", "1", "--configfile", study, "--directory", tmp_path, "results/smoke/synthetic/glas.txt",
                   env=env, timeout=300)
     assert "wrote 6 synthetic glas cases" in (tmp_path / "results" / "smoke" / "logs" / "synth" / "glas.log").read_text()
+
+
+def test_a_second_study_and_seed_reuse_the_synthetic_root_without_touching_it(tmp_path):
+    """`--config study=default-seed7 seed=7` beside the first study: the second study's synth job reuses the
+    shared stand-in as it is (its marker, its files and their times untouched), records what it used in
+    its own results, and the first study then has nothing to redo (before, the second study's synth job
+    deleted the shared marker, failed, and left the first study's data unmarked)."""
+    study = write_study(tmp_path, smoke_config(datasets={"glas": smoke_config()["datasets"]["glas"]}))
+    args = ("--cores", "1", "--configfile", study, "--directory", tmp_path)
+    run_snakemake(*args, "results/smoke/synthetic/glas.txt", timeout=300)
+    root = tmp_path / "data" / "glas"
+    marker = root / "SYNTHETIC.txt"
+    before = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
+    text = marker.read_text()
+    run_snakemake(*args, "--config", "study=smoke-seed7", "seed=7", "--", "results/smoke-seed7/synthetic/glas.txt",
+                  timeout=300)
+    assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == before
+    assert marker.read_text() == text and (tmp_path / "results" / "smoke-seed7" / "synthetic" / "glas.txt").read_text() == text
+    assert "already present" in (tmp_path / "results" / "smoke-seed7" / "logs" / "synth" / "glas.log").read_text()
+    dry = run_snakemake(*args, "-n", "results/smoke/synthetic/glas.txt", timeout=300).stdout
+    assert "Nothing to be done" in dry, dry[-2000:]

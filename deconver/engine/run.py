@@ -66,13 +66,13 @@ class RunSpec:
         data = {"preset": self.preset.model_dump(mode="json", exclude={"protocol": {"num_workers"}}),
                 "model": self.model, "model_kwargs": self.model_kwargs, "seed": self.study.seed, "fold": self.fold,
                 "threads": self.study.trainer.threads}
-        return _digest(data)
+        return config_digest(data)
 
     def fingerprint_parts(self, prepared, train_ids: list[str], val_ids: list[str]) -> dict[str, str]:
         """What decides whether a run folder holds this run: the configuration, the data it trains and
         validates on (the cached arrays' checksums) and the split (the fold's case lists)."""
         return {"config": self.fingerprint(), "data": prepared.content_key([*train_ids, *val_ids]),
-                "split": _digest({"train": sorted(train_ids), "val": sorted(val_ids)})}
+                "split": config_digest({"train": sorted(train_ids), "val": sorted(val_ids)})}
 
     def model_record(self) -> dict[str, Any]:
         """model.json: what rebuilds the network from the run folder alone, with the resolved keyword
@@ -85,7 +85,8 @@ class RunSpec:
                 "roi_size": list(self.protocol.roi_size), "dataset": self.preset.name}
 
 
-def _digest(data) -> str:
+def config_digest(data) -> str:
+    """A short stable digest of JSON-able configuration (sorted keys)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -94,6 +95,21 @@ def recorded_parts(run_dir: Path) -> dict | None:
     when there is no readable run.json)."""
     record = read_record(RunFolder(run_dir).run_record)
     return None if record is None else record.get("fingerprint_parts") or {}
+
+
+def changed_configurations(study: Study, runs, base: str | Path = ".") -> list[str]:
+    """The run folders of `runs` (`deconver.plan.Run`s) that hold a run (finished or not) of another
+    configuration than the study's now (`RunSpec.fingerprint`), each as 'folder: why'. The workflow asks
+    before any job, so a study changed in place stops instead of reporting the old runs as the new ones."""
+    changed, paths = [], StudyPaths.of(study, base)
+    for run in runs:
+        old = (recorded_parts(paths.run(run.dataset, run.model, run.fold)) or {}).get("config")
+        if old is None:
+            continue
+        spec = resolve_run(study, run.dataset, run.model, run.fold, base=base)
+        if old != spec.fingerprint():
+            changed.append(f"{spec.run_dir}: trained with configuration {old}, the study's is now {spec.fingerprint()}")
+    return changed
 
 
 def stale_reason(spec: RunSpec, parts: dict[str, str]) -> tuple[str, str] | None:

@@ -18,8 +18,9 @@ from snakemake.exceptions import WorkflowError
 from deconver.config import ConfigError, deep_merge, load_study
 from deconver.cost.estimate import load_calibration
 from deconver.engine.distributed import devices_per_node, launcher, slurm_train_request
-from deconver.engine.run import check_model_builds
+from deconver.engine.run import changed_configurations, check_model_builds, config_digest
 from deconver.io import output_problem, write_text_atomic
+from deconver.data.readers._common import SYNTHETIC_MARKER
 from deconver.paths import StudyPaths
 from deconver.plan import PlanError, Run, StudyPlan, plan_study
 
@@ -66,7 +67,6 @@ LOGS = PATHS.logs
 DATASETS = list(STUDY.datasets)
 PRESETS = {name: STUDY.preset(name) for name in DATASETS}
 FOLDS = list(STUDY.folds)
-SYNTH_MARKER = "SYNTHETIC.txt"  # written last by `deconver synth` into a synthetic dataset's root
 # The resolved study (config file(s) + --config overrides) that every `deconver` step reads.
 STUDY_FILE = PATHS.study_file
 
@@ -142,7 +142,7 @@ def dataset_input(wildcards) -> list[str]:
     """What `prepare` waits for: the synthetic stand-in, the download, or the real dataset's inventory."""
     entry = STUDY.datasets[wildcards.dataset]
     if entry.synthetic:
-        return [str(Path(entry.root) / SYNTH_MARKER)]
+        return [str(PATHS.synthetic_record(wildcards.dataset))]
     if entry.download:
         return [str(Path(entry.root) / "dataset.json")]
     return [str(PATHS.inventory(wildcards.dataset))]
@@ -274,6 +274,15 @@ def cli(step: str, *, model: bool = False, fold: bool = False, prefix: str = "")
     return cmd
 
 
+def model_config(wildcards) -> str:
+    """A complexity job's inputs as a param (the model's kwargs, the dataset's roi, channels and dims, the
+    study's complexity settings): a change reruns the measurement."""
+    preset = STUDY.preset(wildcards.dataset)
+    return config_digest({"kwargs": STUDY.model_kwargs(wildcards.dataset, wildcards.model),
+                          "roi": list(preset.protocol.roi_size), "in": preset.in_channels, "out": preset.out_channels,
+                          "dims": preset.spatial_dims, "complexity": STUDY.complexity.model_dump(mode="json")})
+
+
 def attempts_log(log: str) -> str:
     """Beside a job's log, the log of all its attempts (Snakemake empties the job's own log before each)."""
     return log.removesuffix(".log") + ".attempts.log"
@@ -291,3 +300,9 @@ def logfile(rule: str, *parts: str) -> str:
 if not workflow.remote_exec:
     study_plan()
     _writing(_write_inventories)
+    if _changed := changed_configurations(STUDY, study_plan().runs):
+        raise WorkflowError(
+            f"{CONFIG_NAME}: the configuration of {len(_changed)} run(s) of study {STUDY.study!r} changed since they "
+            "were trained (protocol, model kwargs, seed or trainer.threads); their results would be reported "
+            "under the new configuration. Give the changed study a new `study` name (e.g. --config "
+            f"study={STUDY.study}-v2), or delete these run folders to train them again:\n  " + "\n  ".join(_changed))

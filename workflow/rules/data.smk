@@ -2,23 +2,28 @@
 # Priorities: data first, then training and what follows it (the critical path); complexity fills gaps.
 
 
-# One `synth` rule per synthetic dataset (its output is the marker in that dataset's own root).
+# One `synth` rule per synthetic dataset. The stand-in is written once into its root (studies may share
+# it: another study, or the same with another seed, reuses it as it is); the rule's output is this
+# study's copy of the root's marker, so Snakemake, which deletes a job's outputs before running it,
+# never deletes the shared stand-in's own marker.
 for _name, _root in ((n, Path(e.root)) for n, e in STUDY.datasets.items() if e.synthetic):
 
     rule:
         name:
             f"synth_{_name}"
         output:
-            str(_root / SYNTH_MARKER),
+            str(PATHS.synthetic_record(_name)),
         log:
             logfile("synth", _name),
         params:
             study=str(STUDY_FILE),
             dataset=_name,
+            marker=str(_root / SYNTHETIC_MARKER),
         priority: 30
         localrule: True
         shell:
             DECONVER + " synth --config {params.study} --dataset {params.dataset} > {log} 2>&1"
+            " && cp {params.marker} {output}"
 
 
 # One `download` rule per dataset with `download: true` (MSD tasks through MONAI; needs a network).

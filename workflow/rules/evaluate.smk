@@ -29,6 +29,7 @@ rule complexity:
         logfile("complexity", "{dataset}", "{model}"),
     params:
         study=str(STUDY_FILE),
+        config=model_config,  # changed model kwargs or roi remeasure (common.smk)
     threads: local_threads(4)
     resources:
         cpus_per_task=lambda wildcards, threads: threads,
