@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from deconver.config import load_study
-from deconver.cost.estimate import load_calibration, study_costs
+from deconver.cost.estimate import calibrated_pair, load_calibration, study_costs
 from deconver.cost.record import read_record, summarize
 from deconver.io import provenance, write_json_atomic
 from deconver.paths import StudyPaths
@@ -40,9 +40,8 @@ def compare(config: str, calibration: str | None = None) -> dict:
     for c in study_costs(study, calib, paths=paths):
         record = read_record(paths.cost(c.dataset, c.model, c.fold))
         measured = summarize(record)["wall_s"] if record.get("attempts") else None
-        startup = next((p["startup_s"] for p in calib["pairs"]
-                        if p.get("dataset") == c.dataset and p.get("model") == c.model and p.get("status") == "ok"), None)
-        predicted = None if c.train_s is None or startup is None else c.train_s - startup
+        pair = calibrated_pair(calib, c.dataset, c.model)
+        predicted = None if c.train_s is None or pair is None else c.train_s - pair["startup_s"]
         ratio = measured / predicted if measured and predicted else None
         rows.append({"dataset": c.dataset, "model": c.model, "fold": c.fold, "measured_fit_s": measured,
                      "predicted_fit_s": predicted, "measured_over_predicted": ratio,

@@ -10,6 +10,7 @@ bottleneck, the training batch size against the model's ``min_batch``, and the k
 
     study_runs(study)  -> [Run(dataset, model, fold), ...]   datasets, then models, then folds, in config order
     skipped(study)     -> [Skip(dataset, model, reason), ...]
+    complexity_inputs(study, dataset, model) -> what a pair's complexity record depends on
     plan_study(study)  -> StudyPlan (both, plus the models per dataset)
 
 A study whose model list names an unknown model, a model that fits none of its datasets, or a
@@ -186,3 +187,19 @@ def study_runs(study: Study, registry: Registry | None = None) -> list[Run]:
 def skipped(study: Study, registry: Registry | None = None) -> list[Skip]:
     """The (dataset, model) pairs of the study that are not run, each with the registry's reason."""
     return list(plan_study(study, registry).skips)
+
+
+def complexity_inputs(study: Study, dataset: str, model: str, *, roi=None, runtime_roi=None, repeats=None,
+                      warmup: int = 2, runtime: bool = True, device: str | None = None,
+                      overrides: dict | None = None) -> dict:
+    """What the complexity record of a study's (dataset, model) pair depends on (roi, channels, kwargs, the
+    runtime settings): `deconver complexity`'s "up to date" check and the workflow's complexity param (a
+    change reruns the job) both compare it."""
+    preset = study.preset(dataset)
+    roi = list(roi or preset.protocol.roi_size)
+    return {"model": model, "dataset": dataset, "preset": preset.name, "roi": roi, "in_channels": preset.in_channels,
+            "out_channels": preset.out_channels, "spatial_dims": preset.spatial_dims,
+            "model_kwargs": {**study.model_kwargs(dataset, model), **(overrides or {})},
+            "runtime": {"roi": list(runtime_roi or roi), "repeats": repeats or study.complexity.latency_repeats,
+                        "warmup": warmup} if runtime else None,
+            "device_requested": device or study.complexity.device}

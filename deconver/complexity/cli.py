@@ -196,21 +196,17 @@ def _run_study(args) -> int:
     from deconver.config import load_study
     from deconver.io import provenance, read_record, write_json_atomic
     from deconver.paths import StudyPaths
-    from deconver.plan import check_pair
+    from deconver.plan import check_pair, complexity_inputs
 
     study = load_study(args.config)
     preset = study.preset(args.dataset)
-    kwargs = {**study.model_kwargs(args.dataset, args.model), **_parse_overrides(args.overrides)}
     check_pair(study, args.dataset, args.model)  # only the pairs of the study plan (deconver.plan)
-    device = args.device or study.complexity.device
+    wanted = complexity_inputs(study, args.dataset, args.model, roi=args.roi, runtime_roi=args.runtime_roi,
+                                repeats=args.repeats, warmup=args.warmup, runtime=not args.no_runtime,
+                                device=args.device, overrides=_parse_overrides(args.overrides))
+    kwargs, roi, device = wanted["model_kwargs"], wanted["roi"], wanted["device_requested"]
     repeats = args.repeats or study.complexity.latency_repeats
-    roi = list(args.roi or preset.protocol.roi_size)
     path = StudyPaths.of(study).complexity(args.dataset, args.model)
-    wanted = {"model": args.model, "dataset": args.dataset, "preset": preset.name, "roi": roi, "in_channels": preset.in_channels,
-              "out_channels": preset.out_channels, "spatial_dims": preset.spatial_dims, "model_kwargs": kwargs,
-              "runtime": None if args.no_runtime else {"roi": list(args.runtime_roi or roi), "repeats": repeats,
-                                                       "warmup": args.warmup},
-              "device_requested": device}
     if not args.force:
         done = (read_record(path) or {}).get("inputs")
         if json.loads(json.dumps(done, default=str)) == json.loads(json.dumps(wanted, default=str)):

@@ -135,7 +135,7 @@ def run_cost(study: Study, run: Run, calibration: dict | None, *, paths: StudyPa
     elif out.train_cases is not None:
         out.missing.append(f"validation and prediction windows: {run.dataset} is not prepared (no "
                            f"{paths.manifest(run.dataset)}), its times leave them out")
-    pair = _pair(calibration, run.dataset, run.model)
+    pair = calibrated_pair(calibration, run.dataset, run.model)
     if pair is None:
         out.missing.append("calibration of this (dataset, model)" if calibration else "a calibration file")
         return out
@@ -154,7 +154,8 @@ def run_cost(study: Study, run: Run, calibration: dict | None, *, paths: StudyPa
     return out
 
 
-def _pair(calibration: dict | None, dataset: str, model: str) -> dict | None:
+def calibrated_pair(calibration: dict | None, dataset: str, model: str) -> dict | None:
+    """The calibration's measured row of (dataset, model), None when it has none (or it failed)."""
     for row in (calibration or {}).get("pairs", []):
         if row.get("dataset") == dataset and row.get("model") == model and row.get("status") == "ok":
             return row

@@ -22,7 +22,7 @@ from deconver.engine.run import changed_configurations, check_model_builds, conf
 from deconver.io import output_problem, write_text_atomic
 from deconver.data.readers._common import SYNTHETIC_MARKER
 from deconver.paths import StudyPaths
-from deconver.plan import PlanError, Run, StudyPlan, plan_study
+from deconver.plan import PlanError, Run, StudyPlan, complexity_inputs, plan_study
 
 
 # --------------------------------------------------------------------------- the study config
@@ -275,12 +275,9 @@ def cli(step: str, *, model: bool = False, fold: bool = False, prefix: str = "")
 
 
 def model_config(wildcards) -> str:
-    """A complexity job's inputs as a param (the model's kwargs, the dataset's roi, channels and dims, the
-    study's complexity settings): a change reruns the measurement."""
-    preset = STUDY.preset(wildcards.dataset)
-    return config_digest({"kwargs": STUDY.model_kwargs(wildcards.dataset, wildcards.model),
-                          "roi": list(preset.protocol.roi_size), "in": preset.in_channels, "out": preset.out_channels,
-                          "dims": preset.spatial_dims, "complexity": STUDY.complexity.model_dump(mode="json")})
+    """A complexity job's inputs (`deconver.plan.complexity_inputs`) as a param: a change of the
+    model's kwargs, the roi or the complexity settings reruns the measurement."""
+    return config_digest(complexity_inputs(STUDY, wildcards.dataset, wildcards.model))
 
 
 def attempts_log(log: str) -> str:
