@@ -19,13 +19,12 @@ import sys
 from pathlib import Path
 
 from deconver.config import load_study
-from deconver.cost.estimate import calibrated_pair, load_calibration, study_costs
+from deconver.cost.estimate import TOLERANCE, load_calibration, study_costs, within_tolerance
 from deconver.cost.record import read_record, summarize
 from deconver.io import provenance, write_json_atomic
 from deconver.paths import StudyPaths
 
 REPO = Path(__file__).resolve().parents[1]
-TOLERANCE = 0.30  # |predicted - measured| <= 30 % of measured
 GOAL_SHARE = 0.80
 
 
@@ -40,12 +39,11 @@ def compare(config: str, calibration: str | None = None) -> dict:
     for c in study_costs(study, calib, paths=paths):
         record = read_record(paths.cost(c.dataset, c.model, c.fold))
         measured = summarize(record)["wall_s"] if record.get("attempts") else None
-        pair = calibrated_pair(calib, c.dataset, c.model)
-        predicted = None if c.train_s is None or pair is None else c.train_s - pair["startup_s"]
+        predicted = c.fit_s
         ratio = measured / predicted if measured and predicted else None
         rows.append({"dataset": c.dataset, "model": c.model, "fold": c.fold, "measured_fit_s": measured,
                      "predicted_fit_s": predicted, "measured_over_predicted": ratio,
-                     "within": None if ratio is None else abs(predicted - measured) <= TOLERANCE * measured})
+                     "within": None if ratio is None else within_tolerance(measured, predicted)})
     judged = [r for r in rows if r["within"] is not None]
     share = sum(r["within"] for r in judged) / len(judged) if judged else None
     return {"study": study.study, "calibration": str(path), "calibration_device": calib.get("device"),
@@ -67,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['dataset']:10} {r['model']:12} {m if m is None else f'{m:.0f}':>10} "
               f"{p if p is None else f'{p:.0f}':>11} {q if q is None else f'{q:.2f}':>6}  {r['within']}")
     share = result["share_within"]
-    print(f"within ±30 %: {'?' if share is None else f'{share:.0%}'} of {result['runs_compared']} runs "
+    print(f"within ±{TOLERANCE:.0%}: {'?' if share is None else f'{share:.0%}'} of {result['runs_compared']} runs "
           f"(goal ≥ {GOAL_SHARE:.0%}): {'met' if result['goal_met'] else 'NOT met'}")
     result.update(load_average_1_5_15=list(os.getloadavg()), provenance=provenance())
     write_json_atomic(args.out, result)

@@ -98,3 +98,31 @@ def test_slurm_request_margin_floor_and_cap():
     unknown = RunCost("glas", "unet", 0, processes=1)
     assert slurm_request(unknown, max_runtime_min=1440, default_runtime_min=60, default_mem_mb=8000) == {
         "runtime": 60, "mem_mb": 8000}
+
+
+def test_report_compares_measured_fit_with_predicted_fit(tmp_path):
+    """The report's predicted-vs-measured table: cost.json's wall time (from the fit start) against the
+    prediction without start-up, and the share within the tolerance by the one rule (within_tolerance)."""
+    import pandas as pd
+
+    from deconver.cost.estimate import within_tolerance
+    from deconver.cost.record import cost_rows
+    from deconver.io import write_json_atomic
+    from deconver.report.cost_section import cost_tables
+
+    runs = []
+    for i, (wall, train, fit) in enumerate([(100.0, 110.0, 95.0), (100.0, 80.0, 60.0), (50.0, None, None)]):
+        attempt = {"started": "t", "device": "cpu", "processes": 1, "wall_s": wall, "epochs": 2, "last_epoch": 1,
+                   "peak_memory_mb": 10.0}
+        record = {"attempts": [attempt]}
+        if train is not None:
+            record.update(predicted_train_s=train, predicted_fit_s=fit)
+        write_json_atomic(tmp_path / f"{i}.json", record)
+        runs.append(("glas", f"m{i}", 0, tmp_path / f"{i}.json"))
+    rows = cost_rows(runs)
+    assert [r["measured_over_predicted"] for r in rows] == [pytest.approx(100 / 95), pytest.approx(100 / 60), None]
+    assert within_tolerance(100, 95) and not within_tolerance(100, 60) and within_tolerance(100, 130.0)
+    tables = dict(cost_tables(pd.DataFrame(rows)))
+    table = tables["cost_prediction"]
+    assert [r[1]["predicted_s"] for r in table.rows] == [95.0, 60.0]  # the fit, not the whole job (110, 80)
+    assert "50% of 2 runs" in table.caption

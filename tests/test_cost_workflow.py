@@ -73,3 +73,7 @@ def test_calibrated_requests_follow_the_plan_and_runs_record_their_cost(smoke_ro
     assert total["attempts"] == 1 and total["epochs"] == 1 and total["wall_s"] > 0
     assert total["device_hours"] == pytest.approx(total["wall_s"] / 3600)
     assert record["predicted_train_s"] == pytest.approx(runs[("glas", "unet")]["train_s"], rel=1e-6)
+    # the measured wall time starts at Lightning's fit: it is compared with the prediction without start-up
+    assert record["predicted_fit_s"] == pytest.approx(runs[("glas", "unet")]["fit_s"], rel=1e-6)
+    assert record["predicted_fit_s"] == pytest.approx(record["predicted_train_s"] - runs[("glas", "unet")]["startup_s"])
+    assert 0 < record["predicted_fit_s"] < record["predicted_train_s"]

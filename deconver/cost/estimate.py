@@ -29,6 +29,7 @@ from deconver.paths import StudyPaths
 from deconver.plan import Run, plan_study
 
 MARGIN = 1.5              # SLURM requests: predicted time and memory × this (docs/cost.md)
+TOLERANCE = 0.30          # a prediction is close when |predicted − measured| ≤ this × measured (issue 18's goal)
 MIN_RUNTIME_MIN = 10      # never ask for less (start-up, file system, queue latency)
 MIN_MEM_MB = 4000         # never ask for less host memory per process
 
@@ -46,6 +47,7 @@ class RunCost:
     val_passes: int = 0
     windows_per_pass: int | None = None
     train_s: float | None = None
+    startup_s: float | None = None  # of every job (imports, model build): in train_s, not in fit_s
     predict_s: float | None = None
     complexity_s: float | None = None
     peak_memory_mb: float | None = None
@@ -58,6 +60,11 @@ class RunCost:
         if self.train_s is None or self.predict_s is None:
             return None
         return (self.processes * self.train_s + self.predict_s) / 3600
+
+    @property
+    def fit_s(self) -> float | None:
+        """The training time without the job's start-up: what a run measures from Lightning's fit start."""
+        return None if self.train_s is None or self.startup_s is None else self.train_s - self.startup_s
 
 
 def sliding_windows(shape, roi, overlap: float) -> int:
@@ -146,12 +153,18 @@ def run_cost(study: Study, run: Run, calibration: dict | None, *, paths: StudyPa
     rate = (calibration.get("loading_samples_per_s") or {}).get(run.dataset)
     t_load = per_device_batch(batch, world) / rate if rate and p.num_workers == 0 else 0.0
     t_step, t_win, startup = pair["seconds_per_step"], pair["seconds_per_window_batch"], pair["startup_s"]
+    out.startup_s = startup
     if out.steps_per_epoch is not None:  # without prepared shapes: training steps only (named in `missing`)
         windows = out.windows_per_pass or 0
         out.train_s = startup + p.epochs * out.steps_per_epoch * (t_step + t_load) + out.val_passes * windows * t_win
         out.predict_s = startup + windows * t_win
     out.complexity_s = startup + (study.complexity.latency_repeats + 2) * t_win
     return out
+
+
+def within_tolerance(measured: float, predicted: float) -> bool:
+    """Whether a predicted time is within TOLERANCE of the measured one (the report and the benchmark)."""
+    return abs(predicted - measured) <= TOLERANCE * measured
 
 
 def calibrated_pair(calibration: dict | None, dataset: str, model: str) -> dict | None:
@@ -199,16 +212,20 @@ def slurm_request(cost: RunCost, *, max_runtime_min: int, default_runtime_min: i
 
 
 def as_dict(cost: RunCost) -> dict:
-    return {**asdict(cost), "device_hours": cost.device_hours}
+    return {**asdict(cost), "device_hours": cost.device_hours, "fit_s": cost.fit_s}
 
 
-def predicted_train_seconds(study: Study, run: Run, paths: StudyPaths | None = None) -> float | None:
-    """The plan's training time of `run` with the study's calibration; None without one (or when the
-    calibration cannot be read: a run never fails for its cost estimate)."""
+def predicted_train_seconds(study: Study, run: Run, paths: StudyPaths | None = None) -> dict | None:
+    """The plan's training time of `run` with the study's calibration, {"train_s": the whole job,
+    "fit_s": without its start-up}; None without a calibration (or when it cannot be read: a run never
+    fails for its cost estimate)."""
     from deconver.config import ConfigError
 
     try:
         calibration, _ = load_calibration(study)
     except ConfigError:
         return None
-    return run_cost(study, run, calibration, paths=paths).train_s if calibration else None
+    cost = run_cost(study, run, calibration, paths=paths) if calibration else None
+    if cost is None or cost.train_s is None:
+        return None
+    return {"train_s": cost.train_s, "fit_s": cost.fit_s}

@@ -40,9 +40,9 @@ def summarize(record: dict) -> dict:
 class CostRecorder(L.Callback):
     """Appends this attempt to ``cost.json`` and updates it after every training epoch (rank 0)."""
 
-    def __init__(self, path: Path, predicted_train_s: float | None = None):
+    def __init__(self, path: Path, prediction: dict | None = None):
         self.path = Path(path)
-        self.predicted_train_s = predicted_train_s
+        self.prediction = prediction  # estimate.predicted_train_seconds: {"train_s", "fit_s"} or None
         self._start = time.perf_counter()
         self._index: int | None = None
         self._first_epoch = 0
@@ -75,23 +75,26 @@ class CostRecorder(L.Callback):
         else:
             attempt["started"] = record["attempts"][self._index]["started"]
             record["attempts"][self._index] = attempt
-        if self.predicted_train_s is not None and "predicted_train_s" not in record:
-            record["predicted_train_s"] = self.predicted_train_s  # the first attempt's plan, for the report
+        if self.prediction is not None and "predicted_train_s" not in record:  # the first attempt's plan
+            record["predicted_train_s"] = self.prediction["train_s"]  # the whole job (its SLURM request)
+            record["predicted_fit_s"] = self.prediction["fit_s"]      # what wall_s measures (no start-up)
         record["total"] = summarize(record)
         write_json_atomic(self.path, record)
 
 
 def cost_rows(runs) -> list[dict]:
     """One row per finished or started run: (dataset, model, fold, path of cost.json) → the totals and the
-    prediction the run recorded when it started (`predicted_train_s`, None without a calibration)."""
+    prediction the run recorded when it started (`predicted_train_s` of the whole job and `predicted_fit_s`
+    without its start-up, None without a calibration); the ratio compares like with like: the measured
+    fit time (from Lightning's fit start) over `predicted_fit_s`."""
     rows = []
     for dataset, model, fold, path in runs:
         if not Path(path).is_file():
             continue
         record = read_record(path)
         total = summarize(record)
-        predicted = record.get("predicted_train_s")
+        fit = record.get("predicted_fit_s")
         rows.append({"dataset": dataset, "model": model, "fold": fold, **total,
-                     "predicted_train_s": predicted,
-                     "measured_over_predicted": total["wall_s"] / predicted if predicted else None})
+                     "predicted_train_s": record.get("predicted_train_s"), "predicted_fit_s": fit,
+                     "measured_over_predicted": total["wall_s"] / fit if fit else None})
     return rows
