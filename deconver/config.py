@@ -214,6 +214,9 @@ class DatasetEntry(Strict):
                            "`root` (its folder name is the task, e.g. Task04_Hippocampus) when absent; needs a network")
     overrides: dict[str, Any] = Field(default_factory=dict, description="deep-merged into the preset")
     model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="model -> kwargs, this dataset only")
+    models: list[str] | None = Field(None, min_length=1, description="the models run on this dataset, a subset of "
+                                     "the study's `models` (default: all of them); the others are left out of it "
+                                     "with a note")
     split: SplitMethod | None = Field(None, description="this dataset's split method (default: the study's `split`)")
     region_names: dict[str, str] = Field(default_factory=dict, description="rename the preset's regions (keys of its "
                                          "`labels`) in this study, e.g. {gland: nucleus} for nuclei in the GlaS layout")

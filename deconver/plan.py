@@ -6,15 +6,17 @@ they can never disagree about a study's runs. A (dataset, model) pair is run whe
 accepts the model for the dataset as the study configures it: the spatial dims, the roi against the
 model's divisor (which may depend on the dataset and the keyword arguments), a fixed input size, the
 bottleneck, the training batch size against the model's ``min_batch``, and the keyword arguments
-(`fit_problem`). Every other pair is a `Skip` with the registry's reason.
+(`fit_problem`), and the dataset's own model list (`datasets.<name>.models`) names it. Every other pair
+is a `Skip` with the reason.
 
     study_runs(study)  -> [Run(dataset, model, fold), ...]   datasets, then models, then folds, in config order
     skipped(study)     -> [Skip(dataset, model, reason), ...]
     complexity_inputs(study, dataset, model) -> what a pair's complexity record depends on
     plan_study(study)  -> StudyPlan (both, plus the models per dataset)
 
-A study whose model list names an unknown model, a model that fits none of its datasets, or a
-dataset that no model fits is a `PlanError` (a ConfigError) naming the key.
+A study whose model list names an unknown model, a dataset model list naming a model that is not the
+study's, a model that fits none of its datasets, or a dataset that no model fits is a `PlanError` (a
+ConfigError) naming the key.
 """
 from __future__ import annotations
 
@@ -117,6 +119,9 @@ def pair_problem(study: Study, dataset: str, model: str, registry: Registry | No
     """
     from deconver.engine.distributed import per_device_batch, world_size
 
+    chosen = study.datasets[dataset].models
+    if chosen is not None and model not in chosen:
+        return f"not in datasets.{dataset}.models {chosen}"
     preset = study.preset(dataset)
     try:
         batch = per_device_batch(preset.protocol.batch_size, world_size(study.trainer),
@@ -161,7 +166,10 @@ def plan_study(study: Study, registry: Registry | None = None) -> StudyPlan:
     names = model_names(study, reg)
     models: dict[str, tuple[str, ...]] = {}
     skips: list[Skip] = []
-    for dataset in study.datasets:
+    for dataset, entry in study.datasets.items():
+        unknown = [m for m in entry.models or () if m not in names]
+        if unknown:
+            raise PlanError(f"datasets.{dataset}.models: {unknown} are not among the study's models {names}")
         kept = []
         for name in names:
             why = pair_problem(study, dataset, name, reg)

@@ -91,3 +91,18 @@ def test_a_model_list_without_runs_is_an_error_naming_the_key(tmp_path):
         plan_study(load_study(data))
     with pytest.raises(PlanError, match="--dataset: 'glas' is not a dataset"):
         check_pair(load_study({**data, "models": ["unet"]}), "glas", "unet")
+
+
+def test_a_dataset_model_list_narrows_that_dataset_only(tmp_path):
+    data = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    data["datasets"] = {d: data["datasets"][d] for d in ("isles22", "brats23")}
+    data["models"] = ["deconver", "unet", "dynunet"]
+    data["datasets"]["brats23"]["models"] = ["unet", "deconver"]
+    plan = plan_study(load_study(data))
+    assert plan.models == {"isles22": ("deconver", "unet", "dynunet"), "brats23": ("deconver", "unet")}
+    assert plan.skipped_models("brats23") == {"dynunet": "not in datasets.brats23.models ['unet', 'deconver']"}
+    with pytest.raises(PlanError, match="does not run 'dynunet' on 'brats23': not in datasets.brats23.models"):
+        check_pair(load_study(data), "brats23", "dynunet")
+    data["datasets"]["brats23"]["models"] = ["unet", "segresnet"]
+    with pytest.raises(PlanError, match=r"datasets.brats23.models: \['segresnet'\] are not among the study's models"):
+        plan_study(load_study(data))

@@ -267,7 +267,8 @@ def study_preset(study, dataset: str) -> dict:
 
     entry = study.datasets[dataset]
     root = Path(entry.root).expanduser().resolve()
-    models = None if study.models == "all" else [(m, study.model_kwargs(dataset, m)) for m in study.models]
+    names = entry.models if entry.models is not None else None if study.models == "all" else study.models
+    models = None if names is None else [(m, study.model_kwargs(dataset, m)) for m in names]
     path = StudyPaths.of(study).preset(dataset)
     try:
         if not root.is_dir():
