@@ -75,12 +75,18 @@ def test_dry_run_embedded_default(tmp_path):
     assert {j["dataset"] for j in jobs["prepare"]} == {"isles22", "brats23", "glas", "fives"}
     trained = {(j["dataset"], j["model"]) for j in jobs["train"]}
     dims = registry_dims()
-    for model in ("deconver", "unet", "dynunet", "segresnet", "unetr"):
+    for model in ("deconver", "unet", "segresnet"):
         assert {d for d, m in trained if m == model} == {"isles22", "brats23", "glas", "fives"}, model
+    # the dataset's own model lists (config comments): BraTS without dynunet and unetr, FIVES without smp_unet
+    for model in ("dynunet", "unetr"):
+        assert {d for d, m in trained if m == model} == {"isles22", "glas", "fives"}, model
+        assert f"{model} is left out of brats23: not in datasets.brats23.models" in out
+    assert "smp_unet is left out of fives: not in datasets.fives.models" in out
     # 2D only: smp_unet by its dims, swin_unetr by the 32^3 roi of the 3D stand-ins (config comment)
     assert dims["smp_unet"] == (2,) and 3 in dims["swin_unetr"]
+    assert {d for d, m in trained if m == "swin_unetr"} == {"glas", "fives"}
+    assert {d for d, m in trained if m == "smp_unet"} == {"glas"}
     for model in ("smp_unet", "swin_unetr"):
-        assert {d for d, m in trained if m == model} == {"glas", "fives"}, model
         assert f"{model} is left out of isles22" in out
     assert set(cfg["models"]) == {m for _, m in trained}
     assert {j["fold"] for j in jobs["train"]} == {"0"}
