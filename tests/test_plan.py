@@ -3,13 +3,14 @@ pairs `deconver complexity` accepts are the plan's, for every config in config/ 
 override under which smp_deeplabv3plus (min_batch 2) cannot train."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO_ROOT
-from test_workflow_dryrun import dry_run, jobs_of
+from test_workflow_dryrun import blocks_of, dry_run, jobs_of
 
 from deconver.cli import main as cli
 from deconver.config import deep_merge, load_study
@@ -26,6 +27,9 @@ def _study_file(tmp: Path, name: str, datasets_override: dict | None = None) -> 
     data["datasets"] = deep_merge(data["datasets"], datasets_override or {})
     if datasets_override is BATCH1:
         data["models"] = [*data["models"], "smp_deeplabv3plus"]
+        for entry in data["datasets"].values():  # a dataset's own model list gains it too
+            if "models" in entry and entry.get("preset") in ("glas", "fives"):
+                entry["models"] = [*entry["models"], "smp_deeplabv3plus"]
     for key, entry in data["datasets"].items():
         if not entry.get("synthetic"):
             entry["root"] = str(tmp / "data" / key / "Task04_Hippocampus")  # a Decathlon-like name fits any reader
@@ -47,12 +51,15 @@ def test_workflow_aggregate_and_complexity_share_the_plan(tmp_path, capfd, name,
     runs = set(study_runs(study))
     assert runs == set(plan.runs) and len(runs) == len(plan.runs) > 0
 
-    # the workflow: its train jobs are the plan's runs, its complexity jobs the plan's pairs
+    # the workflow: its train jobs are the plan's runs, its one complexity job writes the plan's pairs
     out = dry_run(tmp_path / "work", "--configfile", path).stdout
     jobs = jobs_of(out)
     assert {Run(j["dataset"], j["model"], int(j["fold"])) for j in jobs["train"]} == runs
     if study.complexity.activate:
-        assert {(j["dataset"], j["model"]) for j in jobs["complexity"]} == set(plan.pairs())
+        assert len(jobs["complexity"]) == 1
+        block = next(b for rule, b in blocks_of(out) if rule == "complexity")
+        written = set(re.findall(r"complexity/([\w.+-]+)/([\w.+-]+)\.json", block.split("log:")[0]))
+        assert written == set(plan.pairs())
     for skip in skipped(study):
         assert f"{skip.model} is left out of {skip.dataset}: {skip.reason.splitlines()[0]}" in out
 

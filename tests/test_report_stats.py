@@ -246,3 +246,23 @@ def test_latex_is_well_formed():
         check_latex(tex.replace("\\end{tabular}", ""), ["deconver", "swin_unetr", "unet", "empty"])
     with pytest.raises(AssertionError):
         check_latex(tex, ["deconver", "swin_unetr", "unet"])
+
+
+@pytest.mark.parametrize("alternative", ["two-sided", "greater", "less"])
+def test_signed_rank_test_is_scipys_wilcoxon(alternative):
+    """stats.signed_rank_test gives scipy's wilcoxon(method='auto') numbers: with ties or zeros at n <= 13
+    (the vectorised sign-flip enumeration), without them (exact) and above 13 (normal approximation)."""
+    from scipy.stats import wilcoxon
+
+    from deconver.report.stats import EXACT_PERMUTATION_MAX_N, signed_rank_test
+
+    rng = np.random.default_rng(3)
+    samples = [np.array([0.1, -0.2, 0.1, 0.3, 0.0, 0.2, -0.1, 0.1, 0.4, 0.2]), np.array([1.0] * 8),
+               np.array([0.0, 0.0, 0.5, 0.5, -0.5, 0.25])]
+    for n in (6, 7, 10, 12, EXACT_PERMUTATION_MAX_N, 14, 20):
+        samples.append(rng.integers(-3, 4, n) / 4)            # ties and zeros
+        samples.append(rng.normal(size=n))                     # neither
+    for d in samples:
+        ours = signed_rank_test(d, alternative)
+        ref = wilcoxon(d, zero_method="wilcox", alternative=alternative, method="auto")
+        assert ours == pytest.approx((float(ref.statistic), float(ref.pvalue)), abs=1e-12), (d, ours, ref)

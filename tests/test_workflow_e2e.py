@@ -3,9 +3,11 @@ through Snakemake on this machine, a dropped-in model file joining it by name, a
 reported with its log."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -36,7 +38,8 @@ def test_smoke_study_end_to_end(smoke_run):
     pairs = 4 * 2  # four datasets × (deconver, unet)
     assert {k: stats.get(k) for k in ("prepare", "split", "train", "predict", "evaluate", "complexity",
                                       "aggregate", "report")} == \
-        dict(prepare=4, split=4, train=pairs, predict=pairs, evaluate=pairs, complexity=pairs, aggregate=1, report=1)
+        dict(prepare=4, split=4, train=pairs, predict=pairs, evaluate=pairs, complexity=1, aggregate=1, report=1)
+    assert len(list((work / "results" / "smoke" / "complexity").glob("*/*.json"))) == pairs
     assert all(stats.get(f"synth_{d}") == 1 for d in DATASETS)
     for d in DATASETS:
         assert (work / "data" / d / "SYNTHETIC.txt").is_file()
@@ -68,23 +71,36 @@ def tiny_dropin(in_channels, out_channels, spatial_dims, roi_size, width: int = 
 '''
 
 
+def _complexity_records(work: Path) -> dict[str, dict]:
+    return {p.relative_to(work).as_posix(): json.loads(p.read_text())
+            for p in (work / "results" / "smoke" / "complexity").glob("*/*.json")}
+
+
 def test_dropped_in_model_joins_the_study(smoke_run, tmp_path):
     """A model file dropped into the study's model folder joins it by name: only its jobs (and the
-    aggregate and report) run, the finished ones are kept, and the report gains its rows."""
+    complexity, aggregate and report, which cover every pair) run, the finished ones are kept, and the
+    report gains its rows."""
     work = tmp_path / "smoke"
     shutil.copytree(smoke_run["work"], work, symlinks=True)
     before = outputs_of(work, "smoke")
+    smoke_records = _complexity_records(work)
     (work / "my_models").mkdir()
     (work / "my_models" / "tiny_dropin.py").write_text(MODEL_FILE)
     out = run_snakemake("--cores", "2", "--configfile", work / "study.yaml", "--directory", work, "--config",
                         "models=[deconver, unet, tiny_dropin]", "model_dirs=[my_models]", timeout=600).stdout
     stats = job_stats(out)
     assert {k: stats.get(k) for k in ("prepare", "split", "train", "predict", "evaluate", "complexity")} == \
-        dict(prepare=None, split=None, train=4, predict=4, evaluate=4, complexity=4)
+        dict(prepare=None, split=None, train=4, predict=4, evaluate=4, complexity=1)
     assert set(re.findall(r"model=([\w.+-]+)", out)) == {"tiny_dropin"}
     after = outputs_of(work, "smoke")
-    assert {k: v for k, v in after.items() if k in before and "aggregate" not in k} == \
-        {k: v for k, v in before.items() if "aggregate" not in k}
+    pooled = ("results/smoke/aggregate/", "results/smoke/complexity/")  # rewritten: they cover every pair
+    assert {k: v for k, v in after.items() if k in before and not k.startswith(pooled)} == \
+        {k: v for k, v in before.items() if not k.startswith(pooled)}
+    # the one complexity job measured the old pairs again (same inputs, same counts) and the new model
+    now = _complexity_records(work)
+    assert len(now) == 12 and sum("tiny_dropin" in k for k in now) == 4
+    for key, record in smoke_records.items():
+        assert (now[key]["inputs"], now[key]["flops"]) == (record["inputs"], record["flops"]), key
     for d in DATASETS:
         assert table_models(work / "reports" / "smoke" / "tables" / f"{d}.csv") == ["deconver", "tiny_dropin", "unet"]
 

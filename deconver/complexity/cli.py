@@ -6,6 +6,9 @@ Three forms::
                         [--repeats N] [--no-runtime] [--set KEY=VALUE ...] [--out FILE.json] [--csv FILE.csv]
     deconver complexity --config STUDY.yaml --dataset D --model M [--force]
         -> <results>/<study>/complexity/<D>/<M>.json (atomic; a rerun with the same inputs is a no-op)
+    deconver complexity --config STUDY.yaml --every-pair [--force]
+        -> the same record for every (dataset, model) pair of the study plan, in one process (the
+           workflow's complexity job: one interpreter start instead of one per pair)
     deconver complexity --dataset PRESET --all-models [--pattern GLOB] [--json | --csv FILE.csv]
         -> one row per registered model that fits the preset
 
@@ -33,7 +36,9 @@ from deconver.steps import UsageError
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="study config: measure (dataset, model) of the study and write "
                         "<results>/<study>/complexity/<dataset>/<model>.json")
-    parser.add_argument("--dataset", required=True, help="dataset preset name or path (with --config: the study's dataset)")
+    parser.add_argument("--dataset", help="dataset preset name or path (with --config: the study's dataset)")
+    parser.add_argument("--every-pair", action="store_true", help="with --config: every (dataset, model) pair of the "
+                        "study plan, one after the other in this process (no --dataset, --model)")
     parser.add_argument("--model", help="registered model name (`deconver models`)")
     parser.add_argument("--all-models", action="store_true", help="one row per registered model that fits the dataset")
     parser.add_argument("--pattern", help="with --all-models: only models matching this shell wildcard (e.g. 'smp_*')")
@@ -194,29 +199,49 @@ def _emit(args, records: list[dict[str, Any]], table: bool) -> None:
 
 def _run_study(args) -> int:
     from deconver.config import load_study
-    from deconver.io import provenance, read_record, write_json_atomic
-    from deconver.paths import StudyPaths
-    from deconver.plan import check_pair, complexity_inputs
+    from deconver.plan import check_pair
 
     study = load_study(args.config)
-    preset = study.preset(args.dataset)
     check_pair(study, args.dataset, args.model)  # only the pairs of the study plan (deconver.plan)
-    wanted = complexity_inputs(study, args.dataset, args.model, roi=args.roi, runtime_roi=args.runtime_roi,
+    return _measure_pair(study, args.dataset, args.model, args)
+
+
+def _run_every_pair(args) -> int:
+    from deconver.config import load_study
+    from deconver.plan import plan_study
+
+    study = load_study(args.config)
+    pairs = plan_study(study).pairs()
+    status = 0
+    for k, (dataset, model) in enumerate(pairs, 1):
+        print(f"[{k}/{len(pairs)}] {dataset} {model}", flush=True)
+        status = max(status, _measure_pair(study, dataset, model, args))
+    return status
+
+
+def _measure_pair(study, dataset: str, model: str, args) -> int:
+    """Measure one (dataset, model) pair of a study into its record, unless that is up to date."""
+    from deconver.io import provenance, read_record, write_json_atomic
+    from deconver.paths import StudyPaths
+    from deconver.plan import complexity_inputs
+
+    preset = study.preset(dataset)
+    wanted = complexity_inputs(study, dataset, model, roi=args.roi, runtime_roi=args.runtime_roi,
                                 repeats=args.repeats, warmup=args.warmup, runtime=not args.no_runtime,
                                 device=args.device, overrides=_parse_overrides(args.overrides))
     kwargs, roi, device = wanted["model_kwargs"], wanted["roi"], wanted["device_requested"]
     repeats = args.repeats or study.complexity.latency_repeats
-    path = StudyPaths.of(study).complexity(args.dataset, args.model)
+    path = StudyPaths.of(study).complexity(dataset, model)
     if not args.force:
         done = (read_record(path) or {}).get("inputs")
         if json.loads(json.dumps(done, default=str)) == json.loads(json.dumps(wanted, default=str)):
             print(f"{path}: up to date (same inputs); --force recomputes")
             return 0
-    record = measure_model(args.model, preset, roi=roi, kwargs=kwargs, model_dirs=study.model_dirs, device=device,
+    record = measure_model(model, preset, roi=roi, kwargs=kwargs, model_dirs=study.model_dirs, device=device,
                            runtime=not args.no_runtime, runtime_roi=args.runtime_roi, repeats=repeats,
                            warmup=args.warmup, train_step=not args.no_train_step, grad=args.grad,
                            progress=sys.stderr.isatty())
-    record["dataset"] = args.dataset
+    record["dataset"] = dataset
     record["preset"] = preset.name
     record["study"] = study.study
     record["device_requested"] = device
@@ -276,9 +301,19 @@ def run(args) -> int:
 
     if args.model and args.all_models:
         raise ComplexityError("--model and --all-models exclude each other")
-    study_mode = pipeline_mode(args, pipeline=["model"], not_with_config=["all_models"])
+    if args.every_pair:
+        if not args.config:
+            raise ComplexityError("--every-pair needs --config STUDY.yaml")
+        if args.dataset or args.model or args.all_models:
+            raise ComplexityError("--every-pair measures every (dataset, model) pair of the study: "
+                                  "give no --dataset, --model or --all-models")
+    elif not args.dataset:
+        raise ComplexityError("give --dataset (or --config STUDY.yaml --every-pair)")
+    study_mode = args.every_pair or pipeline_mode(args, pipeline=["model"], not_with_config=["all_models"])
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.every_pair:
+        return _run_every_pair(args)
     return _run_study(args) if study_mode else _run_preset(args)

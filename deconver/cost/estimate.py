@@ -5,7 +5,7 @@ prepared cache, and a calibration (`deconver calibrate`):
 
     train  = startup + epochs × steps × (t_step + t_load) + passes × Σ_val ceil(windows / sw_batch) × t_window
     predict = startup + Σ_val ceil(windows / sw_batch) × t_window
-    complexity = startup + (latency_repeats + 2) × t_window
+    complexity = (latency_repeats + 2) × t_window per pair (one job measures every pair: one start-up)
 
 ``steps`` = protocol.steps_per_epoch or ceil(training cases / global batch); ``passes`` = validations
 (every val_every epochs and after the last); ``windows`` per case = MONAI's sliding-window count at the
@@ -158,7 +158,7 @@ def run_cost(study: Study, run: Run, calibration: dict | None, *, paths: StudyPa
         windows = out.windows_per_pass or 0
         out.train_s = startup + p.epochs * out.steps_per_epoch * (t_step + t_load) + out.val_passes * windows * t_win
         out.predict_s = startup + windows * t_win
-    out.complexity_s = startup + (study.complexity.latency_repeats + 2) * t_win
+    out.complexity_s = (study.complexity.latency_repeats + 2) * t_win
     return out
 
 

@@ -24,7 +24,6 @@ out of that model's mean, ranks last within its case, and drops the pair from a 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,8 +105,6 @@ def pairwise_tests(x: pd.DataFrame, metric: str, alpha: float = ALPHA,
     `min_n` cases are not tested (NaN p). Holm's correction runs over all tested ordered pairs.
     Returns one row per ordered pair: model, other, n, statistic, p_value, p_holm, significant.
     """
-    from scipy.stats import wilcoxon
-
     models = list(x.columns)
     sign = 1.0 if S.higher_is_better(metric) else -1.0
     v = x.to_numpy(dtype=float)
@@ -123,10 +120,7 @@ def pairwise_tests(x: pd.DataFrame, metric: str, alpha: float = ALPHA,
                 if np.all(d == 0):
                     stat, p = 0.0, 1.0
                 else:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # ties force the normal approximation
-                        res = wilcoxon(d, zero_method="wilcox", alternative="greater", method="auto")
-                    stat, p = float(res.statistic), float(res.pvalue)
+                    stat, p = S.signed_rank_test(d, "greater")
             rows.append(dict(model=a, other=b, n=n, statistic=stat, p_value=p))
     out = pd.DataFrame(rows, columns=["model", "other", "n", "statistic", "p_value"])
     out["p_holm"] = S.holm(out["p_value"].to_numpy()) if len(out) else []

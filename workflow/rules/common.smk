@@ -217,7 +217,7 @@ RESOURCES = {
     "train": dict(runtime=1440, mem_mb=64000),  # memory per training process (device)
     "predict": dict(runtime=240, mem_mb=32000),
     "evaluate": dict(runtime=240, mem_mb=16000),
-    "complexity": dict(runtime=60, mem_mb=16000),
+    "complexity": dict(runtime=240, mem_mb=16000),  # every pair of the study, one after the other
 }
 # A training job's request follows the study's trainer block (deconver.engine.distributed): one task
 # per device, GPUs per node, nodes and memory per node; nothing to keep in sync in the profile.
@@ -274,10 +274,10 @@ def cli(step: str, *, model: bool = False, fold: bool = False, prefix: str = "")
     return cmd
 
 
-def model_config(wildcards) -> str:
-    """A complexity job's inputs (`deconver.plan.complexity_inputs`) as a param: a change of the
-    model's kwargs, the roi or the complexity settings reruns the measurement."""
-    return config_digest(complexity_inputs(STUDY, wildcards.dataset, wildcards.model))
+def complexity_config(wildcards=None) -> str:
+    """The complexity job's inputs (`deconver.plan.complexity_inputs` of every pair) as a param: a change
+    of a model's kwargs, a roi or the complexity settings reruns the measurement."""
+    return config_digest({f"{d}/{m}": complexity_inputs(STUDY, d, m) for d, m in pairs()})
 
 
 def attempts_log(log: str) -> str:

@@ -1,4 +1,4 @@
-# Evaluation (per-case metrics of a run) and complexity (per dataset × model).
+# Evaluation (per-case metrics of a run) and complexity (every dataset × model, one job).
 
 
 rule evaluate:
@@ -21,18 +21,22 @@ rule evaluate:
         cli("evaluate", model=True, fold=True) + " --workers {threads} > {log} 2>&1"
 
 
-rule complexity:
-    """Parameters, FLOPs (two counters + the paper's convention), latency and memory (`deconver complexity`)."""
-    output:
-        str(PATHS.complexity("{dataset}", "{model}")),
-    log:
-        logfile("complexity", "{dataset}", "{model}"),
-    params:
-        study=str(STUDY_FILE),
-        config=model_config,  # changed model kwargs or roi remeasure (common.smk)
-    threads: local_threads(4)
-    resources:
-        cpus_per_task=lambda wildcards, threads: threads,
-        **RESOURCES["complexity"],
-    shell:
-        cli("complexity", model=True) + " > {log} 2>&1"
+if STUDY.complexity.activate:
+
+    rule complexity:
+        """Parameters, FLOPs (two counters + the paper's convention), latency and memory of every (dataset,
+        model) pair of the study (`deconver complexity --every-pair`): one job, so one interpreter start
+        (torch and MONAI imports, several seconds) instead of one per pair; a changed pair reruns them all."""
+        output:
+            complexity_files(),
+        log:
+            logfile("complexity", STUDY.study),
+        params:
+            study=str(STUDY_FILE),
+            config=complexity_config,  # changed model kwargs or roi remeasure (common.smk)
+        threads: local_threads(4)
+        resources:
+            cpus_per_task=lambda wildcards, threads: threads,
+            **RESOURCES["complexity"],
+        shell:
+            DECONVER + " complexity --config {params.study} --every-pair > {log} 2>&1"
