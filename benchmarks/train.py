@@ -6,7 +6,7 @@ loss on the model's logits, backward, AdamW update).
                                [--batch-size 1|preset] [--device cpu|cuda] [--timeout 600]
                                [--precisions 32,bf16-mixed] [--variant deconver:checkpointing=true]
                                [--reference dynunet] [--profile] [--child-env KEY=VALUE]
-                               [--out results/benchmarks/train.json]
+                               [--default-allocator] [--out results/benchmarks/train.json]
 
 Each (model, preset) runs in its own process, so peak memory is that pair's alone: on a GPU, CUDA's
 max allocated bytes; on the CPU, the process's peak RSS and its increase over the RSS before the first
@@ -29,8 +29,10 @@ paper rois do not fit a small machine); on a GPU the preset's batch; never below
   to the system on free (benchmarks/ndc.py's ``MALLOC_ENV``), so that the resident set follows the live
   tensors: after one warm-up step, the peak is the resident set's high-water mark during one step minus
   the resident set before it (model, optimizer state and batch). The timing process runs with the
-  default allocator; it also records process CPU seconds per step (less sensitive than wall time to a
-  shared machine's load). The machine's load average is recorded before and after.
+  allocator the engine uses (CPU: glibc keeps freed memory, deconver.engine.allocator, as `deconver
+  train` does by default; ``--default-allocator``: glibc's defaults; each run records which); it also
+  records process CPU seconds and their system part per step (less sensitive than wall time to a shared
+  machine's load). The machine's load average is recorded before and after.
 * ``--child-env KEY=VALUE`` (repeatable): environment variables of every timing process, e.g. glibc's
   ``MALLOC_MMAP_MAX_=0`` (large tensors then come from the heap and are reused instead of being mapped
   afresh, page by page, at every allocation); recorded in the JSON. The memory process keeps its own.
@@ -43,7 +45,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,10 +55,17 @@ PRECISIONS = ("32", "bf16-mixed")  # bf16-mixed: forward and loss under autocast
 
 
 def child(model: str, preset_name: str, steps: int, batch: str, device: str, kwargs: dict | None = None,
-          precision: str = "32", profile: bool = False, mode: str = "time", threads: int | None = None) -> dict:
+          precision: str = "32", profile: bool = False, mode: str = "time", threads: int | None = None,
+          keep_memory: bool = True) -> dict:
     """One (model, preset, kwargs, precision) measurement, in this process: ``mode="time"`` (time per
-    step, FLOPs, profile) or ``"memory"`` (CPU: peak resident-set growth over one step after a warm-up)."""
+    step, FLOPs, profile) or ``"memory"`` (CPU: peak resident-set growth over one step after a warm-up).
+    ``keep_memory``: a CPU timing process applies the engine's allocator setting first."""
     import torch
+
+    from deconver.engine.allocator import training_allocator
+
+    if mode == "time":  # the memory process keeps MALLOC_ENV, which returns every large block
+        allocator = training_allocator(keep_memory, device.split(":")[0])
 
     from deconver import registry
     from deconver.complexity import flop_counter_count
@@ -77,6 +85,8 @@ def child(model: str, preset_name: str, steps: int, batch: str, device: str, kwa
     out = {"model": model, "preset": preset_name, "kwargs": kwargs, "precision": precision, "roi": list(roi),
            "batch_size": b, "device": device, "threads": torch.get_num_threads(),
            "params": sum(x.numel() for x in net.parameters())}
+    if mode == "time":
+        out["allocator"] = allocator
     if mode == "memory":  # CPU: one warm-up step, then the resident set's growth over one step
         from ndc import cpu_peak_mib  # benchmarks/ndc.py, beside this file
 
@@ -88,11 +98,13 @@ def child(model: str, preset_name: str, steps: int, batch: str, device: str, kwa
         torch.cuda.reset_peak_memory_stats()
     rss_before = peak_rss_mb()
     warmup = step()
-    cpu0 = time.process_time()
+    cpu0 = os.times()
     times = [step() for _ in range(steps)]
+    cpu1 = os.times()
     out.update({"forward_flops": flops.flops, "flop_count_error": flops.error, "warmup_s": warmup,
                 "seconds_per_step": statistics.median(times), "step_times_s": times,
-                "cpu_seconds_per_step": (time.process_time() - cpu0) / max(1, steps)})
+                "cpu_seconds_per_step": (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / max(1, steps),
+                "system_seconds_per_step": (cpu1.system - cpu0.system) / max(1, steps)})
     for key in ("seconds", "cpu_seconds"):
         out[f"{key}_per_tflop"] = out[f"{key}_per_step"] / (flops.flops / 1e12) if flops.flops else None
     if device.startswith("cuda"):  # (what earlier runs left allocated, in-process: reported, should be ~0)
@@ -219,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                         "descheduled partner inflate the time of some kernels many times")
     parser.add_argument("--child-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable of every timing process (repeatable), e.g. MALLOC_MMAP_MAX_=0")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="CPU: time with glibc's default allocator settings instead of the engine's (which keep "
+                        "freed memory for reuse: deconver.engine.allocator, trainer.keep_freed_memory)")
     parser.add_argument("--out", default=str(REPO / "results" / "benchmarks" / "train.json"))
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "PRESET"), help=argparse.SUPPRESS)
     parser.add_argument("--child-kwargs", default="{}", help=argparse.SUPPRESS)
@@ -234,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch_size or ("1" if device == "cpu" else "preset")
     if args.child:
         print(json.dumps(child(*args.child, args.steps, batch, device, json.loads(args.child_kwargs),
-                               precisions[0], bool(args.profile), args.child_mode, args.threads)))
+                               precisions[0], bool(args.profile), args.child_mode, args.threads,
+                               keep_memory=not args.default_allocator)))
         return 0
     if args.in_process and not device.startswith("cuda"):
         parser.error("--in-process needs --device cuda (the CPU peak is a process's resident set)")
@@ -256,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     for model, preset_name, kwargs, precision in tqdm(runs, desc="train-step benchmark", unit="run", file=sys.stderr):
         cmd = [sys.executable, __file__, "--child", model, preset_name, "--steps", str(args.steps),
                "--batch-size", batch, "--device", device, "--precisions", precision,
-               "--child-kwargs", json.dumps(kwargs)] + (["--threads", str(args.threads)] if args.threads else [])
+               "--child-kwargs", json.dumps(kwargs)] + (["--threads", str(args.threads)] if args.threads else []) \
+            + (["--default-allocator"] if args.default_allocator else [])
         what = {"model": model, "preset": preset_name, "kwargs": kwargs, "precision": precision}
         profile = args.profile == "*" or model in args.profile.split(",")
         if args.in_process:
@@ -286,7 +303,7 @@ def write_report(args, device: str, batch: str, precisions: list[str], load_befo
     add_ratios(results, args.reference)
     report = {"benchmark": "train_step", "device": device, "batch_size": batch, "steps": args.steps,
               "threads": args.threads, "precisions": precisions, "reference": args.reference,
-              "child_env": args.child_env,
+              "child_env": args.child_env, "default_allocator": args.default_allocator,
               "load_average": {"before": load_before, "after": os.getloadavg()},
               "provenance": provenance(device), "results": results}
     write_json_atomic(args.out, report)

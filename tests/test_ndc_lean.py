@@ -157,17 +157,19 @@ def test_depthwise_k_by_slabs_matches_grouped_convolution(dims, size, sc, kernel
     assert torch.allclose(out, ndc_forward_op(s.contiguous(), h, 6), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shift", [0.0, 0.3])
 @pytest.mark.parametrize("num_iters", [1, 2])
 @pytest.mark.parametrize("dims,size,kernel", [(3, (7, 5, 4), 3), (3, (4, 3, 5), 5), (2, (9, 6), 3)])
-def test_update_by_slabs_matches_reference(dims, size, kernel, num_iters, monkeypatch):
-    """The CPU channels-last update computed slab by slab (one-row slabs here, a batch of two: inner
-    slabs without padding, border slabs padded) gives the reference's output and gradients."""
+def test_update_by_slabs_matches_reference(dims, size, kernel, num_iters, shift, monkeypatch):
+    """The CPU channels-last update, forward and backward, computed slab by slab (one-row slabs here, a
+    batch of two: inner slabs without padding, border slabs padded) gives the reference's output and
+    gradients, with a nonnegative input (the backward from the output) and a signed one (from z)."""
     import deconver.nn.ndc_ops as ndc_ops
 
     monkeypatch.setattr(ndc_ops, "_SLAB_BYTES", 0)
     torch.manual_seed(13)
     layer = NDC(6, kernel, ratio=2, num_iters=num_iters, spatial_dims=dims).double()
-    x = torch.rand(2, 6, *size, dtype=torch.float64, requires_grad=True)
+    x = (torch.rand(2, 6, *size, dtype=torch.float64) - shift).requires_grad_()
     y = layer(x)
     gy = torch.randn_like(y)
     lean = (y, *torch.autograd.grad(y, [x, *layer.parameters()], gy))

@@ -59,7 +59,10 @@ def measure_pair(study: Study, dataset: str, model: str, *, device: str, steps: 
     if threads:
         torch.set_num_threads(threads)
     from deconver.cost.measure import median, median_time, peak_rss_mb, train_step_fn, window_batch_fn
+    from deconver.engine.allocator import training_allocator
     from deconver.engine.distributed import per_device_batch, world_size
+
+    allocator = training_allocator(study.trainer.keep_freed_memory, device.split(":")[0])  # as `deconver train`
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -76,7 +79,7 @@ def measure_pair(study: Study, dataset: str, model: str, *, device: str, steps: 
             "sw_batch_size": preset.protocol.sw_batch_size, "startup_s": startup, "warmup_s": warmup,
             "seconds_per_step": median(times), "step_times_s": times,
             "seconds_per_window_batch": median(window_times), "peak_memory_mb": peak,
-            "host_peak_rss_mb": peak_rss_mb(), "status": "ok"}
+            "host_peak_rss_mb": peak_rss_mb(), "allocator": allocator, "status": "ok"}
 
 
 def loading_rate(study: Study, dataset: str, *, seconds: float = 3.0) -> float | None:

@@ -104,7 +104,7 @@ def _settle_run_folder(spec: RunSpec, parts: dict[str, str]) -> bool:
 
 
 def _write_records(spec: RunSpec, train_ids: list[str], val_ids: list[str], accelerator: str,
-                   parts: dict[str, str]) -> None:
+                   parts: dict[str, str], allocator: dict) -> None:
     from deconver.io import provenance, write_json_atomic
 
     prov = provenance("cuda" if accelerator == "gpu" else "cpu")
@@ -123,7 +123,7 @@ def _write_records(spec: RunSpec, train_ids: list[str], val_ids: list[str], acce
         "prepared": str(spec.paths.prepared(spec.dataset)), "split": str(spec.paths.split(spec.dataset)),
         "train_cases": len(train_ids), "val_cases": len(val_ids),
         "train_ids": list(train_ids), "val_ids": list(val_ids),
-        "provenance": prov,
+        "provenance": {**prov, "allocator": allocator},
     })
 
 
@@ -219,6 +219,7 @@ def train(study: Study | str | Path | dict, dataset: str, model: str, fold: int,
     import torch
 
     from deconver import registry
+    from deconver.engine.allocator import training_allocator
     from deconver.cost.estimate import predicted_train_seconds
     from deconver.cost.record import CostRecorder
     from deconver.plan import Run
@@ -227,8 +228,9 @@ def train(study: Study | str | Path | dict, dataset: str, model: str, fold: int,
     from deconver.engine.labels import LabelCodec
     from deconver.engine.module import SegmentationModule
 
+    allocator = training_allocator(spec.study.trainer.keep_freed_memory, accelerator)
     if _is_rank_zero():
-        _write_records(spec, train_ids, val_ids, accelerator, parts)
+        _write_records(spec, train_ids, val_ids, accelerator, parts, allocator)
     torch.set_num_threads(spec.study.trainer.threads)  # part of the fingerprint: results depend on it on CPU
     codec = LabelCodec.from_preset(spec.preset)
     L.seed_everything(spec.study.seed, workers=True, verbose=False)

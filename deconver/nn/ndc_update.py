@@ -92,50 +92,96 @@ def _lean_backward(g: Tensor, x: Tensor, saved: Tensor, h: Tensor, t1: Tensor, g
 
     ``saved`` is ``z`` or, with ``from_output`` (valid when ``N = A(x) + eps > 0``), the update's output
     ``out = s * N / D``: then ``s / D = out / N``, ``s = out / R`` with ``R = N / D``, and ReLU's mask is
-    ``out > 0``. Two source-sized work buffers; each is freed before the next one is made.
+    ``out > 0``. Two source-sized work buffers; each is freed before the next one is made. On the CPU slab
+    path (channels-last) the adjoints ``N``, ``D`` and ``A(dL/dt1)`` exist only slab by slab, each used
+    where it is computed (:func:`_slab_ratios`, :func:`_slab_grad_z`).
     """
     g = _like_layout(g, saved)
     x = _like_layout(x, saved)  # a temporary copy if the caller's x has another layout
     wa = adjoint_weight(h, groups).contiguous()
     gx = gz = gwa = None
-    inv_d = _conv_like(t1, wa, groups).add_(eps).reciprocal_()  # 1 / D
-    num = _conv_like(x, wa, groups).add_(eps)  # N
-    if from_output:
-        r = inv_d.mul_(num)  # R = N / D
-        w = num.reciprocal_().mul_(saved)  # s / D = out / N
+    slabs = _slab_path(saved)
+    if slabs:
+        r, w = _slab_ratios(x, t1, saved, g, wa, groups, eps, relu_input, from_output)
     else:
-        r = num.mul_(inv_d)  # R = N / D
-        w = inv_d.mul_(saved)  # s / D; with D > 0 (h >= 0) relu commutes with the positive factor
-        if relu_input:
-            w.clamp_min_(0)
-    del inv_d, num
-    w.mul_(g)  # dL/dA(x) = g * s / D
+        inv_d = _conv_like(t1, wa, groups).add_(eps).reciprocal_()  # 1 / D
+        num = _conv_like(x, wa, groups).add_(eps)  # N
+        if from_output:
+            r = inv_d.mul_(num)  # R = N / D
+            w = num.reciprocal_().mul_(saved)  # s / D = out / N
+        else:
+            r = num.mul_(inv_d)  # R = N / D
+            w = inv_d.mul_(saved)  # s / D; with D > 0 (h >= 0) relu commutes with the positive factor
+            if relu_input:
+                w.clamp_min_(0)
+        del inv_d, num
+        w.mul_(g)  # dL/dA(x) = g * s / D
     if need_h:
         gwa = _adjoint_filter_grad(x, w, wa, groups)
     del x
     if need_x:
         gx = _k_op(w, h, groups)  # A^T = K
-    gd = w.mul_(r).neg_()  # dL/dA(t1) = -g * s * N / D^2 = -w * R
-    gt1 = _k_op(gd, h, groups)  # dL/dt1
+    q = w.mul_(r)  # -dL/dA(t1) = g * s * N / D^2 = w * R (the sign is applied to the results: exact)
+    gt1 = _k_op(q, h, groups).neg_()  # dL/dt1 = K(-q)
     if need_h:
-        gwa.add_(_adjoint_filter_grad(t1, gd, wa, groups))
+        gwa.sub_(_adjoint_filter_grad(t1, q, wa, groups))
         if from_output:
-            s = torch.div(saved, r, out=gd)  # s = out / R
+            s = torch.div(saved, r, out=q)  # s = out / R
         else:
-            s = torch.clamp(saved, min=0, out=gd) if relu_input else saved
+            s = torch.clamp(saved, min=0, out=q) if relu_input else saved
         gwa.add_(_adjoint_filter_grad(gt1, s, wa, groups))  # <gt1, K(s)> = <A(gt1), s>
         del s
-    del w, gd  # the first buffer: freed before the third one below
+    del w, q  # the first buffer: freed before the third one below
     if need_z:
-        p = r.mul_(g)  # dL/ds, direct term: g * N / D
-        b3 = _conv_like(gt1, wa, groups)
-        p.add_(b3)  # + K^T(dL/dt1)
-        del b3
-        if relu_input:  # relu's derivative: 1 where z > 0, i.e. where relu(z) > 0 and where out > 0
-            p = torch.ops.aten.threshold_backward.grad_input(p, saved, 0, grad_input=p)  # one pass, in place
-        gz = p
+        if slabs:
+            gz = _slab_grad_z(r, g, gt1, saved, wa, groups, relu_input)
+        else:
+            p = r.mul_(g)  # dL/ds, direct term: g * N / D
+            b3 = _conv_like(gt1, wa, groups)
+            p.add_(b3)  # + K^T(dL/dt1)
+            del b3
+            if relu_input:  # relu's derivative: 1 where z > 0, i.e. where relu(z) > 0 and where out > 0
+                p = torch.ops.aten.threshold_backward.grad_input(p, saved, 0, grad_input=p)  # one pass, in place
+            gz = p
     gh = _filter_grad_from_adjoint(gwa, h, groups) if need_h else None
     return gx, gz, gh
+
+
+def _rows(t: Tensor, i: int, batch: int, lo: int, hi: int) -> Tensor:
+    """Samples ``i:i+batch``, rows ``lo:hi`` (first spatial axis) of ``t``: a view."""
+    return t.narrow(0, i, batch).narrow(2, lo, hi - lo)
+
+
+def _slab_ratios(x: Tensor, t1: Tensor, saved: Tensor, g: Tensor, wa: Tensor, groups: int, eps: float,
+                 relu_input: bool, from_output: bool) -> tuple[Tensor, Tensor]:
+    """``(R, w)`` of :func:`_lean_backward` (``R = N / D``, ``w = g * s / D``) slab by slab: ``N = A(x) + eps``
+    and ``D = A(t1) + eps`` exist only as slab temporaries; two source-sized outputs, written once."""
+    r, w = torch.empty_like(saved), torch.empty_like(saved)
+    for i, batch, lo, hi in _slabs(saved, 2 * saved[0, :, 0].numel() * saved.element_size()):  # two temporaries
+        num = _conv_rows(x.narrow(0, i, batch), wa, groups, lo, hi).add_(eps)
+        den = _conv_rows(t1.narrow(0, i, batch), wa, groups, lo, hi).add_(eps)
+        w_rows = _rows(w, i, batch, lo, hi)
+        torch.div(num, den, out=_rows(r, i, batch, lo, hi))
+        if from_output:
+            torch.div(_rows(saved, i, batch, lo, hi), num, out=w_rows)  # s / D = out / N
+        else:
+            torch.div(_rows(saved, i, batch, lo, hi), den, out=w_rows)  # with D > 0, relu commutes with 1 / D
+            if relu_input:
+                w_rows.clamp_min_(0)
+        w_rows.mul_(_rows(g, i, batch, lo, hi))
+    return r, w
+
+
+def _slab_grad_z(r: Tensor, g: Tensor, gt1: Tensor, saved: Tensor, wa: Tensor, groups: int,
+                 relu_input: bool) -> Tensor:
+    """``dL/dz = (g * R + A(dL/dt1)) * relu'`` written over ``r``, slab by slab (``A(dL/dt1)`` a slab
+    temporary)."""
+    for i, batch, lo, hi in _slabs(r, r[0, :, 0].numel() * r.element_size()):
+        p = _rows(r, i, batch, lo, hi)
+        torch.addcmul(_conv_rows(gt1.narrow(0, i, batch), wa, groups, lo, hi), p, _rows(g, i, batch, lo, hi), out=p)
+        if relu_input:  # relu's derivative: 1 where z > 0, i.e. where relu(z) > 0 and where out > 0
+            torch.ops.aten.threshold_backward.grad_input(p, _rows(saved, i, batch, lo, hi), 0, grad_input=p)
+    return r
 
 
 class NDCUpdate(torch.autograd.Function):
