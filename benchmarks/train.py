@@ -6,7 +6,7 @@ loss on the model's logits, backward, AdamW update).
                                [--batch-size 1|preset] [--device cpu|cuda] [--timeout 600]
                                [--precisions 32,bf16-mixed] [--variant deconver:checkpointing=true]
                                [--reference dynunet] [--profile] [--child-env KEY=VALUE]
-                               [--default-allocator] [--out results/benchmarks/train.json]
+                               [--keep-freed-memory] [--out results/benchmarks/train.json]
 
 Each (model, preset) runs in its own process, so peak memory is that pair's alone: on a GPU, CUDA's
 max allocated bytes; on the CPU, the process's peak RSS and its increase over the RSS before the first
@@ -29,8 +29,9 @@ paper rois do not fit a small machine); on a GPU the preset's batch; never below
   to the system on free (benchmarks/ndc.py's ``MALLOC_ENV``), so that the resident set follows the live
   tensors: after one warm-up step, the peak is the resident set's high-water mark during one step minus
   the resident set before it (model, optimizer state and batch). The timing process runs with the
-  allocator the engine uses (CPU: glibc keeps freed memory, deconver.engine.allocator, as `deconver
-  train` does by default; ``--default-allocator``: glibc's defaults; each run records which); it also
+  allocator settings the engine uses by default (``--keep-freed-memory``: glibc keeps freed memory for
+  reuse, deconver.engine.allocator, as `deconver train` does with ``trainer.keep_freed_memory: true``;
+  each run records which); it also
   records process CPU seconds and their system part per step (less sensitive than wall time to a shared
   machine's load). The machine's load average is recorded before and after.
 * ``--child-env KEY=VALUE`` (repeatable): environment variables of every timing process, e.g. glibc's
@@ -56,7 +57,7 @@ PRECISIONS = ("32", "bf16-mixed")  # bf16-mixed: forward and loss under autocast
 
 def child(model: str, preset_name: str, steps: int, batch: str, device: str, kwargs: dict | None = None,
           precision: str = "32", profile: bool = False, mode: str = "time", threads: int | None = None,
-          keep_memory: bool = True) -> dict:
+          keep_memory: bool = False) -> dict:
     """One (model, preset, kwargs, precision) measurement, in this process: ``mode="time"`` (time per
     step, FLOPs, profile) or ``"memory"`` (CPU: peak resident-set growth over one step after a warm-up).
     ``keep_memory``: a CPU timing process applies the engine's allocator setting first."""
@@ -231,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                         "descheduled partner inflate the time of some kernels many times")
     parser.add_argument("--child-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable of every timing process (repeatable), e.g. MALLOC_MMAP_MAX_=0")
-    parser.add_argument("--default-allocator", action="store_true",
-                        help="CPU: time with glibc's default allocator settings instead of the engine's (which keep "
-                        "freed memory for reuse: deconver.engine.allocator, trainer.keep_freed_memory)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="CPU: the timing processes keep freed memory for reuse (glibc, deconver.engine.allocator), "
+                        "as `deconver train` with trainer.keep_freed_memory: true; the memory processes never do")
     parser.add_argument("--out", default=str(REPO / "results" / "benchmarks" / "train.json"))
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "PRESET"), help=argparse.SUPPRESS)
     parser.add_argument("--child-kwargs", default="{}", help=argparse.SUPPRESS)
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(*args.child, args.steps, batch, device, json.loads(args.child_kwargs),
                                precisions[0], bool(args.profile), args.child_mode, args.threads,
-                               keep_memory=not args.default_allocator)))
+                               keep_memory=args.keep_freed_memory)))
         return 0
     if args.in_process and not device.startswith("cuda"):
         parser.error("--in-process needs --device cuda (the CPU peak is a process's resident set)")
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--child", model, preset_name, "--steps", str(args.steps),
                "--batch-size", batch, "--device", device, "--precisions", precision,
                "--child-kwargs", json.dumps(kwargs)] + (["--threads", str(args.threads)] if args.threads else []) \
-            + (["--default-allocator"] if args.default_allocator else [])
+            + (["--keep-freed-memory"] if args.keep_freed_memory else [])
         what = {"model": model, "preset": preset_name, "kwargs": kwargs, "precision": precision}
         profile = args.profile == "*" or model in args.profile.split(",")
         if args.in_process:
@@ -303,7 +304,7 @@ def write_report(args, device: str, batch: str, precisions: list[str], load_befo
     add_ratios(results, args.reference)
     report = {"benchmark": "train_step", "device": device, "batch_size": batch, "steps": args.steps,
               "threads": args.threads, "precisions": precisions, "reference": args.reference,
-              "child_env": args.child_env, "default_allocator": args.default_allocator,
+              "child_env": args.child_env, "keep_freed_memory": args.keep_freed_memory,
               "load_average": {"before": load_before, "after": os.getloadavg()},
               "provenance": provenance(device), "results": results}
     write_json_atomic(args.out, report)

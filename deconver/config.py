@@ -240,9 +240,9 @@ class TrainerSettings(Strict):
                          "workflow jobs alike; part of the run fingerprint (CPU results are bitwise reproducible "
                          "only at a fixed thread count)")
     tensorboard: bool = False
-    keep_freed_memory: bool = Field(True, description="CPU training: glibc's malloc keeps freed memory for reuse instead "
+    keep_freed_memory: bool = Field(False, description="CPU training: glibc's malloc keeps freed memory for reuse instead "
                                     "of unmapping large blocks (deconver.engine.allocator; no effect on results, "
-                                    "Linux/glibc only); false: the allocator's defaults")
+                                    "Linux/glibc only): less CPU time, a higher peak resident set (docs/engine.md)")
 
 
 class ComplexitySettings(Strict):

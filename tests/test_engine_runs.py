@@ -8,7 +8,6 @@ import copy
 import csv
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -122,8 +121,8 @@ def test_run_folder_records_and_noop_rerun(synthetic, isles_run, capfd):
     record = json.loads((run / "run.json").read_text())
     assert record["preset"]["protocol"]["epochs"] == 4 and record["model_kwargs"] == TINY_UNET
     assert {"deconver_version", "git_commit", "torch_version", "device"} <= set(record["provenance"])
-    # CPU training keeps freed memory for reuse by default (trainer.keep_freed_memory; Linux/glibc only)
-    assert record["provenance"]["allocator"]["keep_freed_memory"] is (platform.libc_ver()[0] == "glibc")
+    # the allocator's defaults unless trainer.keep_freed_memory: true (deconver.engine.allocator)
+    assert record["provenance"]["allocator"] == {"keep_freed_memory": False, "reason": "trainer.keep_freed_memory: false"}
     model = json.loads((run / "model.json").read_text())
     assert (model["name"], model["in_channels"], model["out_channels"], model["roi_size"]) == ("unet", 2, 1, [24, 24, 16])
     recipe = json.loads((run / "protocol.json").read_text())  # `deconver protocol`, beside the checkpoints

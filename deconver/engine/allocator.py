@@ -7,12 +7,14 @@ seconds of system time per step (docs/engine.md, "CPU time per FLOP"). :func:`ke
 turns that off for the calling process — large blocks come from the heap (``M_MMAP_MAX = 0``) and
 freed memory at its top is kept (``M_TRIM_THRESHOLD``) — so the next step reuses pages that are
 already mapped. It changes no value a computation produces, only where its memory comes from; the
-resident set then stays near the step's peak between steps instead of falling back.
+resident set then stays near the step's peak between steps instead of falling back, and the peak itself
+grows with the heap's fragmentation (measured at the ISLES'22 roi: Deconver +22-50 %, DynUNet +4-9 %),
+which is why it is off by default.
 
 Linux with glibc only; elsewhere (macOS, Windows, musl) a no-op that says why. Settings are process-wide
 and inherited by forked children (data-loader workers), not by spawned ones. Applied by `deconver
-train` on the CPU unless ``trainer.keep_freed_memory: false``, by `deconver calibrate` the same way and
-by ``benchmarks/train.py`` (``--default-allocator`` to skip); the record goes into the run's provenance.
+train` on the CPU with ``trainer.keep_freed_memory: true``, by `deconver calibrate` the same way and by
+``benchmarks/train.py --keep-freed-memory``; the record goes into the run's provenance (run.json).
 """
 from __future__ import annotations
 

@@ -10,13 +10,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from deconver.nn.ndc import IMPLEMENTATIONS, NDC, _as_kernel
-from deconver.nn.ndc_ops import _CHANNELS_LAST, _is_channels_last
-from deconver.nn.pointwise import gemm_layout, pointwise, pointwise_cat
+from deconver.nn.pointwise import pointwise, pointwise_cat
 from deconver.nn.presets import PRESETS
 
 __all__ = ["DeconvMixer", "DeconverBlock", "Deconver"]
@@ -24,27 +22,11 @@ __all__ = ["DeconvMixer", "DeconverBlock", "Deconver"]
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _INSTANCE_NORM = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def _linear(spatial_dims: int, cin: int, cout: int, bias: bool = True) -> nn.Module:
     """A "Linear" layer on channels-first tensors: a 1x1 convolution."""
     return _CONV[spatial_dims](cin, cout, kernel_size=1, bias=bias)
-
-
-def _conv_in_layout(conv: nn.Module, x: Tensor) -> Tensor:
-    """``conv(x)`` for a (transposed) convolution module; with a channels-last ``x`` its weight is read in
-    that layout too, so that oneDNN answers channels-last (with an NC(D)HW weight it answers NC(D)HW, and
-    the stride-2 down- and up-sampling convolutions of ISLES'22 stage 0 take 3x as long)."""
-    if not _is_channels_last(x):
-        return conv(x)
-    d = x.dim() - 2
-    weight = conv.weight.contiguous(memory_format=_CHANNELS_LAST[d])
-    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
-        return _CONV_T_FN[d](x, weight, conv.bias, conv.stride, conv.padding, conv.output_padding, conv.groups,
-                             conv.dilation)
-    return _CONV_FN[d](x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class DeconvMixer(nn.Module):
@@ -99,10 +81,10 @@ class DeconvMixer(nn.Module):
     def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
         """``Mixer(x)``, or ``Mixer(norm(x))`` with ``norm(x)`` recomputed in backward, not stored."""
         # on the CPU the lean NDC computes channels-last: the input projection writes that layout and
-        # the output projection reads it, answering in x's layout (GEMMs, no layout conversion)
+        # the output projection reads it, answering in x's NC(D)HW (GEMMs, no layout conversion)
         lean = self.ndc.impl == "lean" and self.ndc.spatial_dims > 1
         s = self.ndc(self.act(pointwise(x, self.in_proj, fn=norm, channels_last=lean)))
-        return self.dropout(pointwise(s, self.out_proj, channels_last=_is_channels_last(x)))
+        return self.dropout(pointwise(s, self.out_proj, channels_last=False))
 
 
 class DeconverBlock(nn.Module):
@@ -156,11 +138,10 @@ class DeconverBlock(nn.Module):
         # the GELU output recomputed in backward instead of stored (deconver.nn.pointwise)
         x = x + self.mixer(x, self.norm1)
         fc1, act, inner_dropout, fc2, dropout = self.mlp
-        cl = _is_channels_last(x)  # the residual stream's layout (channels-last on the CPU GEMM path)
-        hidden = pointwise(x, fc1, fn=self.norm2, channels_last=cl)
+        hidden = pointwise(x, fc1, fn=self.norm2)
         if self.training and inner_dropout.p > 0:  # dropout between GELU and fc2: the plain modules
             return x + dropout(fc2(inner_dropout(act(hidden))))
-        return x + dropout(pointwise(hidden, fc2, fn=act, channels_last=cl))
+        return x + dropout(pointwise(hidden, fc2, fn=act))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.checkpointing and torch.is_grad_enabled():
@@ -178,9 +159,7 @@ class _DecoderStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        # no concatenation kept; the output in the skip's layout (the residual stream's)
-        up = _conv_in_layout(self.upsample, x)
-        return self.blocks(pointwise_cat((skip, up), self.adapter, channels_last=_is_channels_last(skip)))
+        return self.blocks(pointwise_cat((skip, self.upsample(x)), self.adapter))  # no concatenation kept
 
 
 def _per_stage(value, n: int, name: str) -> tuple[int, ...]:
@@ -332,12 +311,8 @@ class Deconver(nn.Module):
         self._checkpointing = value
 
     def _encode(self, i: int, x: Tensor) -> Tensor:
-        """Encoder stage ``i`` (the stem first at stage 0). In CPU training the residual stream is
-        channels-last from the stem on (:func:`~deconver.nn.pointwise.gemm_layout`): the layout in which every
-        1x1 GEMM and oneDNN's convolutions run fastest; the head answers in NC(D)HW."""
-        stage = self.encoder[i]
-        x = gemm_layout(self.stem(x)) if i == 0 else _conv_in_layout(stage.downsample, x)
-        return stage.blocks(x)
+        """Encoder stage ``i`` (the stem first at stage 0)."""
+        return self.encoder[i](self.stem(x) if i == 0 else x)
 
     @property
     def divisor(self) -> int:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from deconver.nn.ndc_ops import _CHANNELS_LAST, _is_channels_last, _is_fake
 
-__all__ = ["gemm_layout", "pointwise", "pointwise_cat"]
+__all__ = ["pointwise", "pointwise_cat"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _GEMM_DTYPES = (torch.float32, torch.float64)
@@ -145,10 +145,10 @@ class _PointwiseCat(torch.autograd.Function):
     parts are kept for backward (a decoder's skip is kept by the encoder anyway)."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, bias: Tensor | None, channels_last: bool, *xs: Tensor):
+    def forward(ctx, weight: Tensor, bias: Tensor | None, *xs: Tensor):
         ctx.save_for_backward(weight, *xs)
         ctx.has_bias = bias is not None
-        return _gemm_forward(xs, weight, bias, channels_last)
+        return _gemm_forward(xs, weight, bias, channels_last=False)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -157,19 +157,19 @@ class _PointwiseCat(torch.autograd.Function):
         grads, g_ws, lo = [], [], 0
         for k, x in enumerate(xs):
             wk = weight[:, lo:lo + x.shape[1]]
-            g_x, g_w, _ = _gemm_backward(grad, x, wk, ctx.needs_input_grad[3 + k], need_w, False)
+            g_x, g_w, _ = _gemm_backward(grad, x, wk, ctx.needs_input_grad[2 + k], need_w, False)
             grads.append(g_x)
             g_ws.append(g_w)
             lo += x.shape[1]
         g_b = _matrices(grad).sum(dim=(0, 2)) if need_b and ctx.has_bias else None
-        return (torch.cat(g_ws, dim=1) if need_w else None), g_b, None, *grads
+        return (torch.cat(g_ws, dim=1) if need_w else None), g_b, *grads
 
 
-def pointwise_cat(xs: Sequence[Tensor], linear: nn.Module, channels_last: bool = False) -> Tensor:
+def pointwise_cat(xs: Sequence[Tensor], linear: nn.Module) -> Tensor:
     """``linear(torch.cat(xs, dim=1))``; on the CPU GEMM path in training without the concatenation
-    (the output channels-last if ``channels_last`` else NC(D)HW), elsewhere as written."""
+    (NC(D)HW output), elsewhere as written."""
     if torch.is_grad_enabled() and all(_gemm_ok(x) for x in xs):
-        return _PointwiseCat.apply(linear.weight, linear.bias, channels_last, *xs)
+        return _PointwiseCat.apply(linear.weight, linear.bias, *xs)
     return linear(torch.cat(list(xs), dim=1))
 
 
@@ -177,17 +177,6 @@ def _gemm_ok(h: Tensor) -> bool:
     """Whether the GEMM path applies: a real CPU float32/float64 tensor, no autocast, no tracer."""
     return (h.device.type == "cpu" and h.dtype in _GEMM_DTYPES and not torch.is_autocast_enabled("cpu")
             and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not _is_fake(h))
-
-
-def gemm_layout(x: Tensor) -> Tensor:
-    """``x`` channels-last when the network trains on the CPU GEMM path (gradients on, 2D/3D): the layout
-    in which every 1x1 GEMM here, forward and backward, runs fastest (ISLES'22 stage 0, one thread:
-    0.39-0.46 s against 0.53-0.55 s for NC(D)HW in and out) and oneDNN's convolutions run natively;
-    otherwise ``x`` itself."""
-    d = x.dim() - 2
-    if torch.is_grad_enabled() and d in _CHANNELS_LAST and _gemm_ok(x):
-        return x.contiguous(memory_format=_CHANNELS_LAST[d])
-    return x
 
 
 def pointwise(h: Tensor, linear: nn.Module, fn=None, channels_last: bool | None = None) -> Tensor:
