@@ -142,6 +142,19 @@ def test_cli_study_writes_once(tmp_path, capsys, monkeypatch):
     assert main(args) == 0  # same inputs: a no-op
     assert "up to date" in capsys.readouterr().out and path.stat().st_mtime_ns == before
 
+    # --every-pair (the workflow's one complexity job): every pair of the plan, the same up-to-date check
+    every = ["complexity", "--config", str(study), "--every-pair", "--warmup", "0"]
+    assert main(every) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] stroke deconver" in out and "up to date" in out and path.stat().st_mtime_ns == before
+    assert main([*every, "--force"]) == 0 and path.stat().st_mtime_ns > before
+    assert json.loads(path.read_text())["flops"] == record["flops"]
+    capsys.readouterr()
+    assert main([*every, "--model", "deconver"]) == 2
+    assert "give no --dataset, --model or --all-models" in capsys.readouterr().err
+    assert main(["complexity", "--every-pair"]) == 2
+    assert "--every-pair needs --config" in capsys.readouterr().err
+
 
 def test_cli_table_and_errors(capsys, tmp_path):
     rc = main(["complexity", "--dataset", "glas", "--all-models", "--pattern", "seg*", "--roi", "32", "32",

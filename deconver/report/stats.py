@@ -56,8 +56,8 @@ def signed_rank_test(d, alternative: str) -> tuple[float, float]:
     method="auto")``, the same numbers, computed faster where scipy enumerates sign flips.
 
     With ties or zeros among n <= 13 differences scipy runs `permutation_test` over all 2^n sign
-    flips with a statistic it evaluates once per flip (about 13 ms for n = 10; a report makes
-    hundreds of such tests). The ranks of |d| do not change under a sign flip, so the statistic
+    flips with a statistic it evaluates in Python once per flip (a report makes hundreds of such
+    tests). The ranks of |d| do not change under a sign flip, so the statistic
     (the sum of the ranks of the positive differences) is vectorised here over the flips and the
     same `permutation_test` does the rest (null distribution, tolerance, two-sided rule). Every
     other case is scipy's `wilcoxon` itself. Tests: tests/test_report_stats.py compares both.
