@@ -186,10 +186,11 @@ def evaluation_files(wildcards=None) -> list[str]:
     return [str(PATHS.evaluation(r.dataset, r.model, r.fold)) for r in study_plan().runs]
 
 
-def complexity_files(wildcards=None) -> list[str]:
-    if not STUDY.complexity.activate:
-        return []
-    return [str(PATHS.complexity(d, m)) for d, m in pairs()]
+def complexity_records(wildcards=None) -> list[str]:
+    """The complexity job's output as aggregate's input: the folder of every pair's record (a folder,
+    not the files: the list needs the study plan, which cluster jobs do not compute when they re-read
+    the workflow)."""
+    return [str(PATHS.complexity_dir())] if STUDY.complexity.activate else []
 
 
 AGGREGATE = PATHS.aggregate() / "aggregate.json"  # written last by `deconver aggregate`

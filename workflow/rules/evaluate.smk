@@ -25,10 +25,11 @@ if STUDY.complexity.activate:
 
     rule complexity:
         """Parameters, FLOPs (two counters + the paper's convention), latency and memory of every (dataset,
-        model) pair of the study (`deconver complexity --every-pair`): one job, so one interpreter start
-        (torch and MONAI imports, several seconds) instead of one per pair; a changed pair reruns them all."""
+        model) pair of the study (`deconver complexity --every-pair`) into R/complexity/<d>/<m>.json: one
+        job, so one interpreter start (torch and MONAI imports, several seconds) instead of one per pair;
+        a changed pair reruns them all."""
         output:
-            complexity_files(),
+            directory(str(PATHS.complexity_dir())),
         log:
             logfile("complexity", STUDY.study),
         params:

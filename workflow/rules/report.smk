@@ -5,7 +5,7 @@ rule aggregate:
     """Pool every run's metrics, complexity and training log (`deconver aggregate`)."""
     input:
         evaluation_files,
-        complexity_files,
+        complexity_records,
     output:
         str(AGGREGATE),
     log:
