@@ -28,6 +28,7 @@ if STUDY.complexity.activate:
         model) pair of the study (`deconver complexity --every-pair`) into R/complexity/<d>/<m>.json: one
         job, so one interpreter start (torch and MONAI imports, several seconds) instead of one per pair;
         a changed pair reruns them all."""
+        priority: 15  # after the trainings have started, before predictions (data.smk)
         output:
             directory(str(PATHS.complexity_dir())),
         log:
