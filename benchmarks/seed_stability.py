@@ -1,7 +1,7 @@
 """Benchmark: does each dataset's best model hold when the same study is run with another seed?
 
 Goal (issue 16): with a second seed (``snakemake --cores all --config study=default-seed7 seed=7``) the
-best model of each dataset stays the same, or the two winners are within each other's bootstrap CI.
+best model of each dataset stays the same or is within the bootstrap CI (verdicts below).
 Both studies must have been aggregated (``<results>/<study>/aggregate/per_case.csv``). Per dataset and
 seed: each model's mean Dice over the validation cases (a multi-region dataset's Dice averaged over
 its regions per case first) with its 95 % percentile bootstrap CI (`deconver.report.stats.bootstrap_ci`,
