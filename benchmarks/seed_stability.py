@@ -73,8 +73,7 @@ def compare(first: Path, second: Path) -> dict:
         lowest = min(((s[m]["mean"], m, which) for which, s in (("first", sa), ("second", sb)) for m in s))
         rows.append({"dataset": dataset, "best_first": wa, "best_second": wb, "verdict": verdict,
                      "stable": verdict != "changed", "symmetric": wa == wb or (holds and converse),
-                     "lowest_dice": {"dice": lowest[0], "model": lowest[1],
-                                                                     "seed_run": lowest[2]},
+                     "lowest_dice": {"dice": lowest[0], "model": lowest[1], "seed_run": lowest[2]},
                      "first": sa, "second": sb})
     return {"first": str(first), "second": str(second), "metric": METRIC, "datasets": rows,
             "all_stable": all(r["stable"] for r in rows)}
