@@ -210,6 +210,8 @@ class DatasetEntry(Strict):
     root: str = Field(..., description="dataset root in its official layout")
     synthetic: bool = Field(False, description="write a synthetic stand-in at `root` when it is absent")
     synth_cases: int = Field(12, gt=0, description="number of synthetic cases")
+    synth_seed: int = Field(123, description="seed of the synthetic stand-in: fixed, not the study's `seed`, so studies "
+                            "that differ only in their seed train on the same data whichever runs first")
     download: bool = Field(False, description="MSD tasks only: fetch the task with MONAI's DecathlonDataset into "
                            "`root` (its folder name is the task, e.g. Task04_Hippocampus) when absent; needs a network")
     overrides: dict[str, Any] = Field(default_factory=dict, description="deep-merged into the preset")

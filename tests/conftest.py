@@ -155,6 +155,7 @@ def outputs_of(work: Path, study: str) -> dict[str, int]:
 def smoke_roots(tmp_path_factory) -> dict[str, Path]:
     """The smoke study's synthetic datasets, written once per session (as the workflow's `synth`
     rule would: same kind, cases and seed), for tests that need the data but not the synth step."""
+    from deconver.config import DatasetEntry
     from deconver.data.synth import write_synthetic
 
     cfg = smoke_config()
@@ -164,7 +165,8 @@ def smoke_roots(tmp_path_factory) -> dict[str, Path]:
         from deconver.config import load_preset
 
         kind = load_preset(entry["preset"]).reader
-        roots[name] = write_synthetic(kind, base / name, cases=entry["synth_cases"], seed=cfg["seed"])
+        roots[name] = write_synthetic(kind, base / name, cases=entry["synth_cases"],
+                                      seed=entry.get("synth_seed", DatasetEntry.model_fields["synth_seed"].default))
     return roots
 
 

@@ -256,14 +256,15 @@ def test_cli_synth_prepare_split_from_a_study(tmp_path, capsys):
     config.write_text(yaml.safe_dump({
         "study": "data_cli", "results_dir": str(tmp_path / "results"), "reports_dir": str(tmp_path / "reports"),
         "num_folds": 2, "folds": [0, 1], "seed": 5, "models": ["unet"],
-        "datasets": {"glas": {"preset": "glas", "root": str(root), "synthetic": True, "synth_cases": 5}},
+        "datasets": {"glas": {"preset": "glas", "root": str(root), "synthetic": True, "synth_cases": 5,
+                              "synth_seed": 9}},
     }))
     args = ["--config", str(config), "--dataset", "glas"]
     assert main(["prepare", *args]) == 2  # a dataset root the study names does not exist: a configuration error
     assert "deconver synth" in capsys.readouterr().err  # the synthetic root is written by its own step
     assert main(["synth", *args]) == 0
     assert (root / "SYNTHETIC.txt").is_file() and len(list(root.glob("*_anno.bmp"))) == 5
-    assert "seed: 5" in (root / "SYNTHETIC.txt").read_text()
+    assert "seed: 9" in (root / "SYNTHETIC.txt").read_text()  # the dataset's synth_seed, not the study's seed
     assert main(["synth", *args]) == 0 and "nothing to do" in capsys.readouterr().out
     assert main(["prepare", *args, "--no-progress"]) == 0
     manifest = tmp_path / "results" / "data_cli" / "prepared" / "glas" / "manifest.json"

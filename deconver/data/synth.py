@@ -255,7 +255,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help=f"with --config a dataset of the study, else one of {KINDS}")
     parser.add_argument("--out", help="hand use: folder to write")
     parser.add_argument("--cases", type=int, help="number of cases (default 12, or the study's synth_cases)")
-    parser.add_argument("--seed", type=int, help="seed (default 0, or the study's seed)")
+    parser.add_argument("--seed", type=int, help="seed (default 0, or the dataset's synth_seed in the study)")
     parser.add_argument("--layout", choices=["zenodo", "challenge"], help="isles22 only: which official layout")
 
 
@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{out} exists and holds data: nothing to write")
             return 0
         kind, cases = preset.reader, args.cases or entry.synth_cases
-        seed = study.seed if args.seed is None else args.seed
+        seed = entry.synth_seed if args.seed is None else args.seed
     else:
         if args.dataset not in KINDS:
             raise UsageError(f"--dataset: {args.dataset!r} is not one of {KINDS} (or give --config)")

@@ -22,41 +22,69 @@ def texture(points: np.ndarray, rng: np.random.Generator, scale: float, waves: i
 
 
 # --------------------------------------------------------------------------- GlaS
+def _ellipse_radius(yy, xx, rng, cy, cx, a, b, irregular: float) -> np.ndarray:
+    """Normalised radius of a wobbly ellipse centred at (cy, cx): < 1 inside."""
+    th = rng.uniform(0, math.pi)
+    dy, dx = yy - cy, xx - cx
+    u = (dx * math.cos(th) + dy * math.sin(th)) / a
+    v = (-dx * math.sin(th) + dy * math.cos(th)) / b
+    ang = np.arctan2(v, u)
+    wobble = 1 + irregular * np.sin(3 * ang + rng.uniform(0, 6)) + irregular / 2 * np.sin(5 * ang + rng.uniform(0, 6))
+    return np.sqrt(u ** 2 + v ** 2) / wobble
+
+
 def _glas_case(rng: np.random.Generator, malignant: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One H&E-like tile and its gland instance map.
+
+    A gland is a ring of purple epithelium with scattered nuclei around a pale lumen. What keeps it from
+    being a colour threshold, as in the real tiles: the stain varies from tile to tile, the stroma holds
+    scattered nuclei and dense purple cell clusters with no lumen (lymphoid aggregates, not glands), the
+    epithelium's colour varies within a gland, and the image is slightly out of focus and noisy.
+    """
+    from scipy.ndimage import gaussian_filter
+
     h, w = int(rng.integers(256, 321)), int(rng.integers(256, 321))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     pts = np.stack([yy, xx], -1)
     tex = texture(pts, rng, scale=40.0)
-    img = np.empty((h, w, 3))
-    img[..., 0], img[..., 1], img[..., 2] = 232 + 10 * tex, 170 + 18 * tex, 200 + 10 * tex  # eosin stroma
+    fine = texture(pts, rng, scale=9.0)
+    stroma, epithelium = np.array([228.0, 165, 198]), np.array([168.0, 100, 172])
+    lumen_rgb, nucleus = np.array([240.0, 232, 242]), np.array([95.0, 50, 128])
+    img = stroma + np.stack([12 * tex, 18 * tex, 10 * tex], -1)
     inst = np.zeros((h, w), np.uint8)
+    taken = np.zeros((h, w), bool)
     n_target = int(rng.integers(3, 8))
     gid = 0
     for _ in range(60):
         if gid >= n_target:
             break
         cy, cx = rng.uniform(20, h - 20), rng.uniform(20, w - 20)
-        a, b = rng.uniform(22, 55), rng.uniform(16, 38)
-        th = rng.uniform(0, math.pi)
-        dy, dx = yy - cy, xx - cx
-        u = (dx * math.cos(th) + dy * math.sin(th)) / a
-        v = (-dx * math.sin(th) + dy * math.cos(th)) / b
-        ang = np.arctan2(v, u)
-        wobble = 1 + (0.22 if malignant else 0.06) * np.sin(3 * ang + rng.uniform(0, 6)) \
-            + (0.12 if malignant else 0.03) * np.sin(5 * ang + rng.uniform(0, 6))
-        r = np.sqrt(u ** 2 + v ** 2) / wobble
+        r = _ellipse_radius(yy, xx, rng, cy, cx, rng.uniform(22, 55), rng.uniform(16, 38),
+                            0.22 if malignant else 0.06)
         gland = r < 1.0
-        if (inst[gland] > 0).any() or (inst[r < 1.15] > 0).any():
+        if taken[r < 1.15].any():
             continue
         gid += 1
         inst[gland] = gid
+        taken |= r < 1.15
         lumen = r < rng.uniform(0.45, 0.65)
         epi = gland & ~lumen
-        img[epi] = [150, 80, 165]                        # epithelium (haematoxylin-stained cytoplasm)
-        img[lumen] = [244, 238, 246]                     # lumen
-        nuclei = epi & (rng.uniform(size=(h, w)) < 0.12)
-        img[nuclei] = [85, 40, 120]
-    img += rng.normal(0, 6, img.shape)
+        img[epi] = epithelium + 22 * fine[epi, None] * np.array([1.0, 0.8, 0.6])
+        img[lumen] = lumen_rgb
+    for _ in range(int(rng.integers(2, 6))):             # lymphoid aggregates: purple, no lumen, not glands
+        cy, cx = rng.uniform(10, h - 10), rng.uniform(10, w - 10)
+        side = rng.uniform(7, 16)
+        blob = _ellipse_radius(yy, xx, rng, cy, cx, side, side * rng.uniform(0.6, 1.0), 0.15) < 1.0
+        if taken[blob].any():
+            continue
+        taken |= blob
+        img[blob] = epithelium + 22 * fine[blob, None] * np.array([1.0, 0.8, 0.6])
+        img[blob & (rng.uniform(size=(h, w)) < 0.35)] = nucleus
+    img[(inst > 0) & (img[..., 0] < 200) & (rng.uniform(size=(h, w)) < 0.12)] = nucleus  # epithelial nuclei
+    img[(inst == 0) & (rng.uniform(size=(h, w)) < 0.012)] = nucleus                       # stromal nuclei
+    stain = rng.normal(1.0, 0.06, 3) * rng.uniform(0.9, 1.05)                            # tile-to-tile stain
+    img = gaussian_filter(img * stain + rng.normal(0, 8, 3), sigma=(0.8, 0.8, 0))
+    img += rng.normal(0, 7, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), inst
 
 
