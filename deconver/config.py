@@ -118,6 +118,9 @@ class Protocol(Strict):
     epochs: int = Field(500, gt=0)
     steps_per_epoch: int | None = Field(None, gt=0, description="None: one pass over the training cases")
     val_every: int = Field(20, gt=0, description="validate every N epochs (and after the last)")
+    val_cases: int | None = Field(None, gt=0, description="validate during training on the first N of the fold's "
+                                  "validation cases only (the learning curve; `evaluate` scores every case); "
+                                  "None: all of them")
     optimizer: Literal["adamw"] = "adamw"
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
@@ -140,6 +143,10 @@ class Protocol(Strict):
     accumulate_grad_batches: int = Field(1, gt=0)
     num_workers: int = Field(2, ge=0)
     augmentation: Augmentation = Field(default_factory=Augmentation)
+
+    def validation_ids(self, val_ids) -> list:
+        """The validation cases the training run validates on: the first `val_cases` of `val_ids`, or all."""
+        return list(val_ids)[: self.val_cases] if self.val_cases else list(val_ids)
 
 
 class MetricRules(Strict):

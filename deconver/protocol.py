@@ -86,6 +86,7 @@ def resolve_protocol(study: Study | str | Path | dict, dataset: str, model: str 
                      "precision": p.precision, "accumulate_grad_batches": p.accumulate_grad_batches,
                      "seed": study.seed, "deterministic": study.trainer.deterministic},
         "validation": {"every_epochs": p.val_every, "also_after_last_epoch": True,
+                       "cases": f"the first {p.val_cases} of the fold's validation cases" if p.val_cases else "all",
                        "metric": "MONAI Dice per output on the prepared grid (empty/empty = 1), mean = val/dice",
                        "inference": "as `inference` below"},
         "checkpoint": {"predictions_use": "final.ckpt (the last epoch)",

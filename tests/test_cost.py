@@ -80,6 +80,26 @@ def test_run_cost_from_calibration_fold_file_and_cache(tmp_path):
     assert run_cost(study, Run("glas", "unet", 0), calibration).fits is False
 
 
+def test_run_cost_validates_on_val_cases_and_predicts_all(tmp_path):
+    """protocol.val_cases: the training run validates on the first N validation cases (the engine's
+    `Protocol.validation_ids`), prediction still covers every one."""
+    from deconver.engine.datamodule import SegmentationDataModule
+
+    shapes = [(100, 100), (64, 64), (64, 64), (64, 64), (64, 64), (64, 64), (64, 64)]
+    study = _study(tmp_path, val_cases=1)
+    _write_inputs(study, tmp_path, shapes)
+    pair = {"dataset": "glas", "model": "unet", "status": "ok", "seconds_per_step": 0.5, "startup_s": 3.0,
+            "seconds_per_window_batch": 0.1, "peak_memory_mb": 900.0}
+    cost = run_cost(study, Run("glas", "unet", 0), {"pairs": [pair]})
+    protocol = study.preset("glas").protocol
+    data = SegmentationDataModule(None, ["x"], ["c0", "c1"], protocol, 2, seed=0)
+    assert data.val_ids == ["c0"]  # the engine validates on the first val_cases of the fold's validation cases
+    first = 5  # c0 (the fold's first validation case), 100x100: 9 windows -> 5 batches of 2
+    assert (cost.windows_per_pass, cost.curve_windows_per_pass) == (6, first)
+    assert cost.train_s == pytest.approx(3.0 + 4 * 3 * 0.5 + 2 * first * 0.1)
+    assert cost.predict_s == pytest.approx(3.0 + 6 * 0.1)
+
+
 def test_missing_inputs_are_named_not_guessed(tmp_path):
     study = _study(tmp_path)
     cost = run_cost(study, Run("glas", "unet", 0), None)

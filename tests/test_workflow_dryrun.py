@@ -77,14 +77,18 @@ def test_dry_run_embedded_default(tmp_path):
     dims = registry_dims()
     for model in ("deconver", "unet", "segresnet"):
         assert {d for d, m in trained if m == model} == {"isles22", "brats23", "glas", "fives"}, model
-    # the dataset's own model lists (config comments): BraTS without dynunet and unetr, FIVES without smp_unet
+    # the dataset's own model lists (config comments): BraTS without dynunet and unetr, GlaS without
+    # swin_unetr and unetr, FIVES without smp_unet
     for model in ("dynunet", "unetr"):
-        assert {d for d, m in trained if m == model} == {"isles22", "glas", "fives"}, model
         assert f"{model} is left out of brats23: not in datasets.brats23.models" in out
+    assert {d for d, m in trained if m == "dynunet"} == {"isles22", "glas", "fives"}
+    assert {d for d, m in trained if m == "unetr"} == {"isles22", "fives"}
+    for model in ("swin_unetr", "unetr"):
+        assert f"{model} is left out of glas: not in datasets.glas.models" in out
     assert "smp_unet is left out of fives: not in datasets.fives.models" in out
     # 2D only: smp_unet by its dims, swin_unetr by the 32^3 roi of the 3D stand-ins (config comment)
     assert dims["smp_unet"] == (2,) and 3 in dims["swin_unetr"]
-    assert {d for d, m in trained if m == "swin_unetr"} == {"glas", "fives"}
+    assert {d for d, m in trained if m == "swin_unetr"} == {"fives"}
     assert {d for d, m in trained if m == "smp_unet"} == {"glas"}
     for model in ("smp_unet", "swin_unetr"):
         assert f"{model} is left out of isles22" in out

@@ -3,12 +3,13 @@
 Model of one training run (docs/cost.md), from the study plan (deconver.plan), the fold file or the
 prepared cache, and a calibration (`deconver calibrate`):
 
-    train  = startup + epochs × steps × (t_step + t_load) + passes × Σ_val ceil(windows / sw_batch) × t_window
+    train  = startup + epochs × steps × (t_step + t_load) + passes × Σ_curve ceil(windows / sw_batch) × t_window
     predict = startup + Σ_val ceil(windows / sw_batch) × t_window
     complexity = (latency_repeats + 2) × t_window per pair (one job measures every pair: one start-up)
 
 ``steps`` = protocol.steps_per_epoch or ceil(training cases / global batch); ``passes`` = validations
-(every val_every epochs and after the last); ``windows`` per case = MONAI's sliding-window count at the
+(every val_every epochs and after the last) over the ``curve`` cases (the first ``val_cases`` validation cases,
+or all); ``val`` = the fold's validation cases (all predicted); ``windows`` per case = MONAI's sliding-window count at the
 preset's roi and overlap on the prepared shape; ``t_load`` = per-device batch / loading rate when the
 data is loaded in the training process (num_workers 0), else 0 (workers overlap it). Device-hours =
 processes × wall. A number the inputs cannot give (no calibration for the pair, no fold file and no
@@ -45,7 +46,8 @@ class RunCost:
     steps_per_epoch: int | None = None
     epochs: int = 0
     val_passes: int = 0
-    windows_per_pass: int | None = None
+    windows_per_pass: int | None = None  # window batches of one prediction of the fold's validation cases
+    curve_windows_per_pass: int | None = None  # of one in-training validation (protocol.val_cases)
     train_s: float | None = None
     startup_s: float | None = None  # of every job (imports, model build): in train_s, not in fit_s
     predict_s: float | None = None
@@ -137,8 +139,8 @@ def run_cost(study: Study, run: Run, calibration: dict | None, *, paths: StudyPa
     elif out.train_cases is not None:
         out.steps_per_epoch = max(1, math.ceil(out.train_cases / batch))
     if val_shapes is not None:
-        out.windows_per_pass = sum(math.ceil(sliding_windows(s, p.roi_size, p.sw_overlap) / p.sw_batch_size)
-                                   for s in val_shapes)
+        batches = [math.ceil(sliding_windows(s, p.roi_size, p.sw_overlap) / p.sw_batch_size) for s in val_shapes]
+        out.windows_per_pass, out.curve_windows_per_pass = sum(batches), sum(p.validation_ids(batches))
     elif out.train_cases is not None:
         out.missing.append(f"validation and prediction windows: {run.dataset} is not prepared (no "
                            f"{paths.manifest(run.dataset)}), its times leave them out")
@@ -155,8 +157,8 @@ def run_cost(study: Study, run: Run, calibration: dict | None, *, paths: StudyPa
     t_step, t_win, startup = pair["seconds_per_step"], pair["seconds_per_window_batch"], pair["startup_s"]
     out.startup_s = startup
     if out.steps_per_epoch is not None:  # without prepared shapes: training steps only (named in `missing`)
-        windows = out.windows_per_pass or 0
-        out.train_s = startup + p.epochs * out.steps_per_epoch * (t_step + t_load) + out.val_passes * windows * t_win
+        curve, windows = out.curve_windows_per_pass or 0, out.windows_per_pass or 0
+        out.train_s = startup + p.epochs * out.steps_per_epoch * (t_step + t_load) + out.val_passes * curve * t_win
         out.predict_s = startup + windows * t_win
     out.complexity_s = (study.complexity.latency_repeats + 2) * t_win
     return out

@@ -10,8 +10,9 @@ looks like its task, so a model learns something in a few epochs, and carries th
   writes rawdata/ + derivatives/).
 - brats23: 4 channels (t1n, t1c, t2w, t2f, int16), uint8 labels with nested regions (ET 3 rim inside
   TC = NCR 1 + ET, inside WT = TC + edema 2); the last case sits in a doubly nested top folder.
-- glas: RGB BMP H&E-like tiles of varying size with glands (white lumen, purple epithelium), the
-  annotation an 8-bit instance map, Grade.csv with leading spaces and CR-only line endings.
+- glas: RGB BMP H&E-like tiles of varying size with glands (pale lumen, purple epithelium), stain varying
+  from tile to tile, purple lymphoid aggregates without lumen that are not glands, stromal nuclei and a
+  slight blur; the annotation an 8-bit instance map, Grade.csv with leading spaces and CR-only line endings.
 - fives: 256 x 256 RGB fundus images (the real ones are 2048 x 2048; the tree is drawn to scale) with a branching vessel tree from the optic disc, masks 0/255 (every
   third one stored as RGB), Thumbs.db files, ``Quality Assessment.xlsx``, and the test split's
   ground truth in the misspelt ``Groud truth`` folder of one mirror.

@@ -217,14 +217,14 @@ class SegmentationDataModule(L.LightningDataModule):
     """The training and validation cases of one fold of a prepared dataset.
 
     `source` is a `deconver.data.PreparedDataset` (or anything with ``load(id)``); `train_ids`/`val_ids`
-    come from the fold file. Nothing is split here.
+    come from the fold file. Nothing is split here; validation uses the protocol's `val_cases` of them.
     """
 
     def __init__(self, source: CaseSource, train_ids: Sequence[str], val_ids: Sequence[str], protocol: Protocol,
                  spatial_dims: int, seed: int, num_workers: int | None = None, cache_bytes: int = CACHE_BYTES):
         super().__init__()
         self.source, self.protocol, self.spatial_dims, self.seed = source, protocol, spatial_dims, seed
-        self.train_ids, self.val_ids = list(train_ids), list(val_ids)
+        self.train_ids, self.val_ids = list(train_ids), protocol.validation_ids(val_ids)
         self.num_workers = protocol.num_workers if num_workers is None else num_workers
         self.cache_bytes = cache_bytes
         self.train_store: CaseStore | None = None
