@@ -144,9 +144,10 @@ class Protocol(Strict):
     num_workers: int = Field(2, ge=0)
     augmentation: Augmentation = Field(default_factory=Augmentation)
 
-    def validation_ids(self, val_ids) -> list:
-        """The validation cases the training run validates on: the first `val_cases` of `val_ids`, or all."""
-        return list(val_ids)[: self.val_cases] if self.val_cases else list(val_ids)
+    def validated(self, per_val_case) -> list:
+        """What the training run validates on: the first `val_cases` entries of a per-validation-case
+        sequence in the fold's order (the ids themselves, or a value per case), or all of them."""
+        return list(per_val_case)[: self.val_cases] if self.val_cases else list(per_val_case)
 
 
 class MetricRules(Strict):

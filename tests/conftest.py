@@ -165,8 +165,8 @@ def smoke_roots(tmp_path_factory) -> dict[str, Path]:
         from deconver.config import load_preset
 
         kind = load_preset(entry["preset"]).reader
-        roots[name] = write_synthetic(kind, base / name, cases=entry["synth_cases"],
-                                      seed=entry.get("synth_seed", DatasetEntry.model_fields["synth_seed"].default))
+        spec = DatasetEntry.model_validate(entry)
+        roots[name] = write_synthetic(kind, base / name, cases=spec.synth_cases, seed=spec.synth_seed)
     return roots
 
 

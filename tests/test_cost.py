@@ -82,7 +82,7 @@ def test_run_cost_from_calibration_fold_file_and_cache(tmp_path):
 
 def test_run_cost_validates_on_val_cases_and_predicts_all(tmp_path):
     """protocol.val_cases: the training run validates on the first N validation cases (the engine's
-    `Protocol.validation_ids`), prediction still covers every one."""
+    `Protocol.validated`), prediction still covers every one."""
     from deconver.engine.datamodule import SegmentationDataModule
 
     shapes = [(100, 100), (64, 64), (64, 64), (64, 64), (64, 64), (64, 64), (64, 64)]

@@ -266,6 +266,12 @@ def test_cli_synth_prepare_split_from_a_study(tmp_path, capsys):
     assert (root / "SYNTHETIC.txt").is_file() and len(list(root.glob("*_anno.bmp"))) == 5
     assert "seed: 9" in (root / "SYNTHETIC.txt").read_text()  # the dataset's synth_seed, not the study's seed
     assert main(["synth", *args]) == 0 and "nothing to do" in capsys.readouterr().out
+    changed = yaml.safe_load(config.read_text())
+    changed["datasets"]["glas"]["synth_seed"] = 10
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    assert main(["synth", "--config", str(other), "--dataset", "glas"]) == 0  # reused, and said so
+    assert "{'cases': '5', 'seed': '9'}, not the {'cases': '5', 'seed': '10'}" in capsys.readouterr().err
     assert main(["prepare", *args, "--no-progress"]) == 0
     manifest = tmp_path / "results" / "data_cli" / "prepared" / "glas" / "manifest.json"
     data = json.loads(manifest.read_text())

@@ -140,7 +140,7 @@ def run_cost(study: Study, run: Run, calibration: dict | None, *, paths: StudyPa
         out.steps_per_epoch = max(1, math.ceil(out.train_cases / batch))
     if val_shapes is not None:
         batches = [math.ceil(sliding_windows(s, p.roi_size, p.sw_overlap) / p.sw_batch_size) for s in val_shapes]
-        out.windows_per_pass, out.curve_windows_per_pass = sum(batches), sum(p.validation_ids(batches))
+        out.windows_per_pass, out.curve_windows_per_pass = sum(batches), sum(p.validated(batches))
     elif out.train_cases is not None:
         out.missing.append(f"validation and prediction windows: {run.dataset} is not prepared (no "
                            f"{paths.manifest(run.dataset)}), its times leave them out")

@@ -27,6 +27,7 @@ import argparse
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -288,6 +289,13 @@ def run(args: argparse.Namespace) -> int:
     if cases < 1:
         raise UsageError(f"--cases must be positive, got {cases}")
     existed = (out / SYNTHETIC_MARKER).is_file()
+    if existed:
+        written = dict(line.split(": ", 1) for line in (out / SYNTHETIC_MARKER).read_text().splitlines()
+                       if line.startswith(("cases: ", "seed: ")))
+        asked = {"cases": str(cases), "seed": str(seed)}
+        if written != asked:
+            print(f"warning: {out / SYNTHETIC_MARKER} records {written}, not the {asked} asked for: the stand-in "
+                  f"is reused as it is (delete {out} to write it again)", file=sys.stderr)
     write_synthetic(kind, out, cases=cases, seed=seed, **options)
     print(f"{out}: {'already present, nothing to do' if existed else f'wrote {cases} synthetic {kind} cases'}")
     return 0

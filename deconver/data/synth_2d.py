@@ -53,6 +53,7 @@ def _glas_case(rng: np.random.Generator, malignant: bool) -> tuple[np.ndarray, n
     img = stroma + np.stack([12 * tex, 18 * tex, 10 * tex], -1)
     inst = np.zeros((h, w), np.uint8)
     taken = np.zeros((h, w), bool)
+    epithelia = np.zeros((h, w), bool)
     n_target = int(rng.integers(3, 8))
     gid = 0
     for _ in range(60):
@@ -69,6 +70,7 @@ def _glas_case(rng: np.random.Generator, malignant: bool) -> tuple[np.ndarray, n
         taken |= r < 1.15
         lumen = r < rng.uniform(0.45, 0.65)
         epi = gland & ~lumen
+        epithelia |= epi
         img[epi] = epithelium + 22 * fine[epi, None] * np.array([1.0, 0.8, 0.6])
         img[lumen] = lumen_rgb
     for _ in range(int(rng.integers(2, 6))):             # lymphoid aggregates: purple, no lumen, not glands
@@ -80,7 +82,7 @@ def _glas_case(rng: np.random.Generator, malignant: bool) -> tuple[np.ndarray, n
         taken |= blob
         img[blob] = epithelium + 22 * fine[blob, None] * np.array([1.0, 0.8, 0.6])
         img[blob & (rng.uniform(size=(h, w)) < 0.35)] = nucleus
-    img[(inst > 0) & (img[..., 0] < 200) & (rng.uniform(size=(h, w)) < 0.12)] = nucleus  # epithelial nuclei
+    img[epithelia & (rng.uniform(size=(h, w)) < 0.12)] = nucleus                          # epithelial nuclei
     img[(inst == 0) & (rng.uniform(size=(h, w)) < 0.012)] = nucleus                       # stromal nuclei
     stain = rng.normal(1.0, 0.06, 3) * rng.uniform(0.9, 1.05)                            # tile-to-tile stain
     img = gaussian_filter(img * stain + rng.normal(0, 8, 3), sigma=(0.8, 0.8, 0))

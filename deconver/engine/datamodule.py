@@ -224,7 +224,7 @@ class SegmentationDataModule(L.LightningDataModule):
                  spatial_dims: int, seed: int, num_workers: int | None = None, cache_bytes: int = CACHE_BYTES):
         super().__init__()
         self.source, self.protocol, self.spatial_dims, self.seed = source, protocol, spatial_dims, seed
-        self.train_ids, self.val_ids = list(train_ids), protocol.validation_ids(val_ids)
+        self.train_ids, self.val_ids = list(train_ids), protocol.validated(val_ids)
         self.num_workers = protocol.num_workers if num_workers is None else num_workers
         self.cache_bytes = cache_bytes
         self.train_store: CaseStore | None = None
