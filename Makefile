@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e .
+	$(BIN)/python -c "from deconver.nn import ndc_cpu; ndc_cpu.available()"  # build the NDC's CPU kernels now (warns without a compiler)
 	touch $(STAMP)
 
 install: $(STAMP)

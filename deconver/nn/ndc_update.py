@@ -15,6 +15,7 @@ import os
 import torch
 from torch import Tensor
 
+from deconver.nn import ndc_cpu
 from deconver.nn.ndc_ops import (
     _adjoint_filter_grad,
     _conv_like,
@@ -53,6 +54,12 @@ def _use_fused(x: Tensor, z: Tensor, h: Tensor, groups: int) -> bool:
     return kernels is not None and kernels.supported(x, z, h, groups)
 
 
+def _native(x: Tensor, s: Tensor, h: Tensor, groups: int) -> bool:
+    """Whether :class:`NDCUpdate` runs the native CPU kernels of :mod:`deconver.nn.ndc_cpu` (on the slab
+    path, for the layers those kernels take, where they are built and not turned off)."""
+    return _slab_path(s) and ndc_cpu.supported(x, s, h, groups)
+
+
 def _lean_update_forward(
     x: Tensor, z: Tensor, h: Tensor, groups: int, eps: float, relu_input: bool, out_is_z: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -60,10 +67,15 @@ def _lean_update_forward(
 
     Full-size (source-sized) allocations: ``s`` (which becomes the output), ``A(x)`` and ``A(K(s))``;
     at most two of them alive at a time. On the CPU in channels-last, ``A(x)`` and ``A(K(s))`` exist
-    only slab by slab (:func:`_slab_update`): the output is the only source-sized allocation.
+    only slab by slab (:func:`_slab_update`), or not at all (the native kernels): the output is the only
+    source-sized allocation.
     """
     wa = adjoint_weight(h, groups).contiguous()
     s = torch.relu(z) if relu_input else z
+    if _native(x, s, h, groups):
+        out = s if relu_input or out_is_z else torch.empty_like(s)
+        t1 = ndc_cpu.k_op(s, h)
+        return ndc_cpu.update(_like_layout(x, z), t1, s, wa, h, eps, out), t1
     t1 = _k_op(s, h, groups)
     if _slab_path(s):
         out = s if relu_input or out_is_z else torch.empty_like(s)
@@ -100,8 +112,21 @@ def _lean_backward(g: Tensor, x: Tensor, saved: Tensor, h: Tensor, t1: Tensor, g
     x = _like_layout(x, saved)  # a temporary copy if the caller's x has another layout
     wa = adjoint_weight(h, groups).contiguous()
     gx = gz = gwa = None
+    native = _native(x, saved, h, groups)
     slabs = _slab_path(saved)
-    if slabs:
+
+    def k_op(t: Tensor, scale: float = 1.0) -> Tensor:
+        if native:
+            return ndc_cpu.k_op(t, h, scale)
+        out = _k_op(t, h, groups)
+        return out if scale == 1.0 else out.mul_(scale)
+
+    def filter_grad(inp: Tensor, grad_out: Tensor) -> Tensor:
+        return ndc_cpu.filter_grad(inp, grad_out, wa, h) if native else _adjoint_filter_grad(inp, grad_out, wa, groups)
+
+    if native:
+        r, w = ndc_cpu.ratios(x, t1, saved, g, wa, h, eps, relu_input, from_output)
+    elif slabs:
         r, w = _slab_ratios(x, t1, saved, g, wa, groups, eps, relu_input, from_output)
     else:
         inv_d = _conv_like(t1, wa, groups).add_(eps).reciprocal_()  # 1 / D
@@ -117,23 +142,25 @@ def _lean_backward(g: Tensor, x: Tensor, saved: Tensor, h: Tensor, t1: Tensor, g
         del inv_d, num
         w.mul_(g)  # dL/dA(x) = g * s / D
     if need_h:
-        gwa = _adjoint_filter_grad(x, w, wa, groups)
+        gwa = filter_grad(x, w)
     del x
     if need_x:
-        gx = _k_op(w, h, groups)  # A^T = K
+        gx = k_op(w)  # A^T = K
     q = w.mul_(r)  # -dL/dA(t1) = g * s * N / D^2 = w * R (the sign is applied to the results: exact)
-    gt1 = _k_op(q, h, groups).neg_()  # dL/dt1 = K(-q)
+    gt1 = k_op(q, -1.0)  # dL/dt1 = K(-q)
     if need_h:
-        gwa.sub_(_adjoint_filter_grad(t1, q, wa, groups))
+        gwa.sub_(filter_grad(t1, q))
         if from_output:
             s = torch.div(saved, r, out=q)  # s = out / R
         else:
             s = torch.clamp(saved, min=0, out=q) if relu_input else saved
-        gwa.add_(_adjoint_filter_grad(gt1, s, wa, groups))  # <gt1, K(s)> = <A(gt1), s>
+        gwa.add_(filter_grad(gt1, s))  # <gt1, K(s)> = <A(gt1), s>
         del s
     del w, q  # the first buffer: freed before the third one below
     if need_z:
-        if slabs:
+        if native:
+            gz = ndc_cpu.grad_z(r, g, gt1, saved, wa, h, relu_input)
+        elif slabs:
             gz = _slab_grad_z(r, g, gt1, saved, wa, groups, relu_input)
         else:
             p = r.mul_(g)  # dL/ds, direct term: g * N / D
