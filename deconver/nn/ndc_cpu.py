@@ -1,8 +1,8 @@
 """Native CPU kernels of the depth-wise NDC update (``csrc/ndc_cpu.cpp``), the CPU counterpart of
 :mod:`deconver.nn.ndc_triton`.
 
-On channels-last float32 CPU tensors, a depth-wise layer (``G = C``) with ``sc`` in 1, 2, 4 or 8 and
-``C`` a multiple of 8, :class:`~deconver.nn.ndc_update.NDCUpdate` evaluates the stencils ``K`` and ``A``
+On channels-last float32 CPU tensors, for a depth-wise layer (``G = C``) with ``sc`` in 1, 2, 4 or 8
+and ``C`` a multiple of 8, :class:`~deconver.nn.ndc_update.NDCUpdate` evaluates the stencils ``K`` and ``A``
 directly instead of as oneDNN grouped convolutions: ``K(s)`` sums its ``sc`` source channels in
 registers, both adjoints of the update are computed in one pass with the update's element-wise
 arithmetic (``A(x)`` and ``A(K(s))`` never exist as tensors), and the backward's ratios, ``dL/dz`` and
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from deconver.nn.ndc_ops import _CHANNELS_LAST, _is_channels_last
 
 __all__ = ["available", "filter_grad", "grad_z", "k_op", "ratios", "supported", "update"]
 
@@ -111,18 +113,12 @@ def available() -> bool:
     return os.environ.get("DECONVER_NDC_FUSED", "1") != "0" and _library() is not None
 
 
-def _channels_last(t: Tensor) -> bool:
-    d = t.dim() - 2
-    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(d)
-    return fmt is not None and t.is_contiguous(memory_format=fmt)
-
-
 def supported(x: Tensor, s: Tensor, h: Tensor, groups: int) -> bool:
     """Whether the kernels take this update: CPU float32 (``x`` too), 2D/3D, ``s`` channels-last,
     depth-wise with ``sc`` in :data:`SOURCE_CHANNELS` and ``C`` a multiple of 8, kernels built. The
     caller gives ``x`` (and every other operand) in ``s``'s layout."""
     c, sc = h.shape[:2]
-    return (s.device.type == "cpu" and s.dtype == x.dtype == h.dtype == torch.float32 and _channels_last(s)
+    return (s.device.type == "cpu" and s.dtype == x.dtype == h.dtype == torch.float32 and _is_channels_last(s)
             and c == groups and sc in SOURCE_CHANNELS and c % _BLOCK == 0 and available())
 
 
@@ -148,8 +144,7 @@ def _adjoint_table(wa: Tensor, h: Tensor) -> Tensor:
 
 def _new(like: Tensor, channels: int) -> Tensor:
     shape = (like.shape[0], channels, *like.shape[2:])
-    fmt = torch.channels_last if like.dim() == 4 else torch.channels_last_3d
-    return torch.empty(shape, dtype=like.dtype, memory_format=fmt)
+    return torch.empty(shape, dtype=like.dtype, memory_format=_CHANNELS_LAST[like.dim() - 2])
 
 
 def _call(name: str, sc: int, *args) -> None:

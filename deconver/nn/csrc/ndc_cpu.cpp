@@ -1,81 +1,94 @@
 // Native CPU kernels of the depth-wise NDC update on channels-last float32 tensors.
 //
 // Notation (deconver/nn/ndc.py): C input channels, SC source channels per channel (G = C groups,
-// m = 1), CS = C * SC source channels, filter taps T = kd * kh * kw. Tensors are channels-last:
-// memory order (N, D, H, W, channels); a 2D tensor is D = 1, kd = 1. Filters come as tables
-// wt[T][CS] of cross-correlation weights (tap t = (a * kh + b) * kw + e reads the input voxel at
-// offset (a - kd/2, b - kh/2, e - kw/2)), zero "same" padding.
+// m = 1), CS = C * SC source channels (source channel c * SC + j), filter taps T = kd * kh * kw.
+// Tensors are channels-last: memory order (N, D, H, W, channels); a 2D tensor is D = 1, kd = 1.
+// Filters are cross-correlation weights (tap t = (a * kh + b) * kw + e reads the input voxel at
+// offset (a - kd/2, b - kh/2, e - kw/2)), zero "same" padding, given as tables: K's wk[T][CS] and
+// the adjoint's by source, wj[T][SC][C].
 //
-//   K(s)[v, c]           = sum_t sum_j wk[t][c*SC+j] * s[v + t, c*SC+j]      (ndc_k)
-//   A(y)[v, c*SC+j]      = sum_t wa[t][c*SC+j] * y[v + t, c]                  (the stencil of the others)
-//   gw[t][c*SC+j]        = sum_v g[v, c*SC+j] * y[v + t, c]                   (ndc_filter_grad)
+//   K(s)[v, c]        = sum_t sum_j wk[t][c*SC+j] * s[v + t, c*SC+j]      (ndc_k)
+//   A(y)[v, c*SC+j]   = sum_t wj[t][j][c] * y[v + t, c]                    (inside the three below)
+//   out               = s * (A(x) + eps) / (A(t1) + eps)                   (ndc_update)
+//   R, w              = N / D, g * s / D  (N = A(x) + eps, D = A(t1) + eps) (ndc_ratios)
+//   dL/dz             = (g * R + A(gt1)) * relu'                           (ndc_grad_z)
+//   gw[t][j][c]       = sum_v g[v, c*SC+j] * y[v + t, c]                   (ndc_filter_grad)
 //
 // The element-wise work of the update and of its backward is done where each adjoint is computed,
-// so the adjoints never exist as tensors. Vectors of 8 floats (GCC/Clang vector extensions: AVX2 or
-// AVX-512VL instructions with -march=native, SSE pairs elsewhere) run over the output channels.
-// Every entry point returns 0, or -1 for an SC it has no kernel for (1, 2, 4 and 8 are supported;
-// the caller then keeps its fallback). Work is split over `threads` threads by rows (n, d, h).
+// so the adjoints never exist as tensors. Vectors of VL = 8 floats (GCC/Clang vector extensions:
+// AVX2 or AVX-512VL instructions with -march=native, SSE pairs elsewhere) run over channels, so C
+// must be a multiple of 8. Every entry point returns 0, or -1 for an SC it has no kernel for
+// (1, 2, 4 and 8 are built; the caller keeps its fallback). Work is split over `threads` threads by
+// rows (n, d, h).
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace {
 
-typedef float v8 __attribute__((vector_size(32)));
+constexpr int VL = 8;  // lanes (16-lane vectors on AVX-512 measured no faster overall: docs/nn.md)
+typedef float vec __attribute__((vector_size(VL * sizeof(float))));
 
-inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
-inline v8 splat(float x) { return v8{} + x; }
+inline vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
-// Sums of adjacent lane pairs of a and b, in order: (a0+a1, a2+a3, a4+a5, a6+a7, b0+b1, ...).
-inline v8 pair_sums(v8 a, v8 b) {
-    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) +
-           __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+// Lane permutations of two vectors a, b (lanes 0..VL-1 of a, then VL..2VL-1 of b):
+// evens/odds: (a0, a2, ..., b0, b2, ...) / (a1, a3, ...); low/high: the interleaving of the first /
+// second halves of a and b, (a0, b0, a1, b1, ...) / (a_{VL/2}, b_{VL/2}, ...).
+template <std::size_t... I> inline vec evens(vec a, vec b, std::index_sequence<I...>) {
+    return __builtin_shufflevector(a, b, (2 * I)...);
 }
+template <std::size_t... I> inline vec odds(vec a, vec b, std::index_sequence<I...>) {
+    return __builtin_shufflevector(a, b, (2 * I + 1)...);
+}
+template <std::size_t... I> inline vec low(vec a, vec b, std::index_sequence<I...>) {
+    return __builtin_shufflevector(a, b, (I / 2 + (I % 2) * VL)...);
+}
+template <std::size_t... I> inline vec high(vec a, vec b, std::index_sequence<I...>) {
+    return __builtin_shufflevector(a, b, (VL / 2 + I / 2 + (I % 2) * VL)...);
+}
+using lanes = std::make_index_sequence<VL>;
 
-// Sums of SC consecutive lanes of the 8*SC lanes of acc[0..SC): 8 sums, in order.
-template <int SC> inline v8 group_sums(const v8* acc) {
+// Sums of SC consecutive lanes of the VL*SC lanes of acc[0..SC): VL sums, in order.
+template <int SC> inline vec group_sums(const vec* acc) {
     if constexpr (SC == 1) {
         return acc[0];
     } else {
-        v8 half[SC / 2];
-        for (int i = 0; i < SC / 2; ++i) half[i] = pair_sums(acc[2 * i], acc[2 * i + 1]);
+        vec half[SC / 2];
+        for (int i = 0; i < SC / 2; ++i)
+            half[i] = evens(acc[2 * i], acc[2 * i + 1], lanes{}) + odds(acc[2 * i], acc[2 * i + 1], lanes{});
         return group_sums<SC / 2>(half);
     }
 }
 
-// Source-channel order. The adjoint kernels accumulate "by j": a[j] holds channels c..c+7 of source
-// j (a[j][l] = channel (c + l) * SC + j), which lets the inner loop load y[v + t, c..c+7] as it is;
-// to_source_order turns SC such vectors into the tensor's order (vector i, lane l = source channel
-// c * SC + 8 * i + l), by_source its inverse. log2(SC) rounds of a perfect shuffle.
-template <int SC> inline void to_source_order(const v8* a, v8* out) {
-    v8 cur[SC];
-    for (int i = 0; i < SC; ++i) cur[i] = a[i];
+// Source-channel order. The adjoint kernels accumulate "by source": a[j] holds channels c..c+VL-1 of
+// source j (lane l: source channel (c + l) * SC + j), which lets the inner loop load y[v + t, c..]
+// as it is; to_source_order turns SC such vectors into the tensor's order (vector i, lane l: source
+// channel c * SC + VL * i + l), by_source is its inverse: log2(SC) rounds of a perfect shuffle.
+template <int SC> inline void to_source_order(vec* a) {
     for (int step = 1; step < SC; step *= 2) {
-        v8 next[SC];
+        vec next[SC];
         for (int i = 0; i < SC / 2; ++i) {
-            next[2 * i] = __builtin_shufflevector(cur[i], cur[i + SC / 2], 0, 8, 1, 9, 2, 10, 3, 11);
-            next[2 * i + 1] = __builtin_shufflevector(cur[i], cur[i + SC / 2], 4, 12, 5, 13, 6, 14, 7, 15);
+            next[2 * i] = low(a[i], a[i + SC / 2], lanes{});
+            next[2 * i + 1] = high(a[i], a[i + SC / 2], lanes{});
         }
-        for (int i = 0; i < SC; ++i) cur[i] = next[i];
+        for (int i = 0; i < SC; ++i) a[i] = next[i];
     }
-    for (int i = 0; i < SC; ++i) out[i] = cur[i];
 }
 
-template <int SC> inline void by_source(const v8* a, v8* out) {
-    v8 cur[SC];
-    for (int i = 0; i < SC; ++i) cur[i] = a[i];
+template <int SC> inline void by_source(vec* a) {
     for (int step = 1; step < SC; step *= 2) {
-        v8 next[SC];
+        vec next[SC];
         for (int i = 0; i < SC / 2; ++i) {
-            next[i] = __builtin_shufflevector(cur[2 * i], cur[2 * i + 1], 0, 2, 4, 6, 8, 10, 12, 14);
-            next[i + SC / 2] = __builtin_shufflevector(cur[2 * i], cur[2 * i + 1], 1, 3, 5, 7, 9, 11, 13, 15);
+            next[i] = evens(a[2 * i], a[2 * i + 1], lanes{});
+            next[i + SC / 2] = odds(a[2 * i], a[2 * i + 1], lanes{});
         }
-        for (int i = 0; i < SC; ++i) cur[i] = next[i];
+        for (int i = 0; i < SC; ++i) a[i] = next[i];
     }
-    for (int i = 0; i < SC; ++i) out[i] = cur[i];
 }
 
 struct Geo {
@@ -151,129 +164,135 @@ template <class Body> void parallel_rows(const Geo& g, int threads, Body body) {
     for (auto& t : pool) t.join();
 }
 
-// Calls f.template operator()<B>(c) over c = 0, 8B, 16B, ... while a whole block of B fits in
-// `count`, then with B = 1 for the rest (count a multiple of 8): B blocks of 8 channels at a time
-// give the inner loops enough independent accumulators to hide the FMA latency.
+// Calls f.template operator()<B>(c) over c = 0, VL*B, 2*VL*B, ... while a whole block of B vectors
+// fits in `count`, then with B = 1 for the rest (count a multiple of VL): B vectors of channels at a
+// time give the inner loops enough independent accumulators to hide the FMA latency.
 template <int B, class F> inline void blocks(int64_t count, F f) {
     int64_t c = 0;
-    for (; c + 8 * B <= count; c += 8 * B) f.template operator()<B>(c);
+    for (; c + VL * B <= count; c += VL * B) f.template operator()<B>(c);
     if constexpr (B > 1)
-        for (; c < count; c += 8) f.template operator()<1>(c);
+        for (; c < count; c += VL) f.template operator()<1>(c);
 }
 
 constexpr int at_least_one(int n) { return n > 0 ? n : 1; }
 
+// K at P voxels v, v + 1, ... that share one tap list (a row's inner voxels): every filter vector
+// is loaded once for the P of them.
+template <int SC, int NO, int P>
+inline void k_at(const Taps& tp, const float* s, const float* wk, int64_t v, int64_t C, int64_t o, float* out,
+                 float scale) {
+    const int64_t CS = C * SC;
+    vec acc[P][NO * SC] = {};
+    for (int64_t k = 0; k < tp.count; ++k) {
+        const float* src = s + (v + tp.off[k]) * CS + o * SC;
+        const float* wt = wk + tp.tap[k] * CS + o * SC;
+        for (int i = 0; i < NO * SC; ++i) {
+            vec wv = load(wt + VL * i);
+            for (int p = 0; p < P; ++p) acc[p][i] += wv * load(src + p * CS + VL * i);
+        }
+    }
+    for (int p = 0; p < P; ++p)
+        for (int i = 0; i < NO; ++i) store(out + (v + p) * C + o + VL * i, group_sums<SC>(acc[p] + i * SC) * scale);
+}
+
 template <int SC> void k_op(const Geo& g, const float* s, const float* wk, float* out, float scale, int threads) {
-    const int64_t C = g.c, CS = C * SC;
     parallel_rows(g, threads, [&](int64_t r0, int64_t r1, int) {
         for_rows(g, r0, r1, [&](int64_t row, const RowTaps& taps) {
-            blocks<at_least_one(8 / SC)>(C, [&]<int NO>(int64_t o) {  // NO blocks of 8 outputs
-              for (int64_t v = row * g.w; v < (row + 1) * g.w; ++v) {
-                const Taps& tp = taps[v - row * g.w];
-                v8 acc[NO * SC] = {};
-                for (int64_t k = 0; k < tp.count; ++k) {
-                    const float* src = s + (v + tp.off[k]) * CS + o * SC;
-                    const float* wt = wk + tp.tap[k] * CS + o * SC;
-                    for (int i = 0; i < NO * SC; ++i) acc[i] += load8(wt + 8 * i) * load8(src + 8 * i);
+            blocks<at_least_one(4 / SC)>(g.c, [&]<int NO>(int64_t o) {  // NO vectors of outputs
+                for (int64_t w = 0; w < g.w;) {
+                    const int64_t v = row * g.w + w;
+                    if (w + 1 < g.w && &taps[w] == &taps[w + 1]) {  // two inner voxels
+                        k_at<SC, NO, 2>(taps[w], s, wk, v, g.c, o, out, scale);
+                        w += 2;
+                    } else {
+                        k_at<SC, NO, 1>(taps[w], s, wk, v, g.c, o, out, scale);
+                        w += 1;
+                    }
                 }
-                for (int i = 0; i < NO; ++i) store8(out + v * C + o + 8 * i, group_sums<SC>(acc + i * SC) * scale);
-              }
             });
         });
     });
 }
 
-// acc[n][b * SC + j] = sum_t wj[t][j][c + 8b..] * y_n[v + t, c + 8b..] for N inputs y_n, B blocks of
-// 8 channels from c; wj the adjoint's table by source, [taps][SC][C].
-template <int SC, int B, int N> inline void adjoints_at(const Taps& tp, const float* const (&y)[N], const float* wj,
-                                                        int64_t v, int64_t C, int64_t c, v8 (&acc)[N][B * SC]) {
+// acc[n][b * SC + j] = A(y_n) at voxel v for B vectors of channels from c, in the tensor's source
+// order (see to_source_order), for N inputs y_n read through the same filter taps.
+template <int SC, int B, int N>
+inline void adjoints_at(const Taps& tp, const float* const (&y)[N], const float* wj, int64_t v, int64_t C, int64_t c,
+                        vec (&acc)[N][B * SC]) {
     for (int n = 0; n < N; ++n)
-        for (int i = 0; i < B * SC; ++i) acc[n][i] = v8{};
+        for (int i = 0; i < B * SC; ++i) acc[n][i] = vec{};
     for (int64_t k = 0; k < tp.count; ++k) {
         const float* wt = wj + tp.tap[k] * SC * C + c;
         const int64_t at = (v + tp.off[k]) * C + c;
         for (int b = 0; b < B; ++b) {
-            v8 yv[N];
-            for (int n = 0; n < N; ++n) yv[n] = load8(y[n] + at + 8 * b);
+            vec yv[N];
+            for (int n = 0; n < N; ++n) yv[n] = load(y[n] + at + VL * b);
             for (int j = 0; j < SC; ++j) {
-                v8 wv = load8(wt + j * C + 8 * b);
+                vec wv = load(wt + j * C + VL * b);
                 for (int n = 0; n < N; ++n) acc[n][b * SC + j] += wv * yv[n];
             }
         }
     }
     for (int n = 0; n < N; ++n)
-        for (int b = 0; b < B; ++b) to_source_order<SC>(acc[n] + b * SC, acc[n] + b * SC);
+        for (int b = 0; b < B; ++b) to_source_order<SC>(acc[n] + b * SC);
 }
 
-template <int SC> void update(const Geo& g, const float* x, const float* t1, const float* s, const float* wj, float* out,
-                              float eps, int threads) {
+// body(i, a) for every vector a of source channels of every voxel of rows [r0, r1), i its offset in
+// a source-sized tensor, with acc the N adjoints there (adjoints_at).
+template <int SC, int N, class Body>
+void for_adjoints(const Geo& g, int64_t r0, int64_t r1, const float* const (&y)[N], const float* wj, Body body) {
     const int64_t C = g.c, CS = C * SC;
-    parallel_rows(g, threads, [&](int64_t r0, int64_t r1, int) {
-        for_rows(g, r0, r1, [&](int64_t row, const RowTaps& taps) {
-            blocks<at_least_one(4 / SC)>(C, [&]<int B>(int64_t c) {
-              for (int64_t v = row * g.w; v < (row + 1) * g.w; ++v) {
-                const Taps& tp = taps[v - row * g.w];
-                v8 acc[2][B * SC];
-                adjoints_at<SC, B, 2>(tp, {x, t1}, wj, v, C, c, acc);
+    for_rows(g, r0, r1, [&](int64_t row, const RowTaps& taps) {
+        blocks<at_least_one(8 / (SC * N))>(C, [&]<int B>(int64_t c) {
+            for (int64_t v = row * g.w; v < (row + 1) * g.w; ++v) {
+                vec acc[N][B * SC];
+                adjoints_at<SC, B, N>(taps[v - row * g.w], y, wj, v, C, c, acc);
                 for (int i = 0; i < B * SC; ++i) {
-                    const int64_t at = v * CS + c * SC + 8 * i;
-                    store8(out + at, load8(s + at) * (acc[0][i] + eps) / (acc[1][i] + eps));
+                    vec a[N];
+                    for (int n = 0; n < N; ++n) a[n] = acc[n][i];
+                    body(v * CS + c * SC + VL * i, a);
                 }
-              }
-            });
+            }
         });
     });
 }
 
-template <int SC> void ratios(const Geo& g, const float* x, const float* t1, const float* saved, const float* grad,
-                              const float* wj, float* r, float* w, float eps, bool relu_input, bool from_output,
-                              int threads) {
-    const int64_t C = g.c, CS = C * SC;
+template <int SC> void update(const Geo& g, const float* x, const float* t1, const float* s, const float* wj,
+                                      float* out, float eps, int threads) {
     parallel_rows(g, threads, [&](int64_t r0, int64_t r1, int) {
-        for_rows(g, r0, r1, [&](int64_t row, const RowTaps& taps) {
-            blocks<at_least_one(4 / SC)>(C, [&]<int B>(int64_t c) {
-              for (int64_t v = row * g.w; v < (row + 1) * g.w; ++v) {
-                const Taps& tp = taps[v - row * g.w];
-                v8 acc[2][B * SC];
-                adjoints_at<SC, B, 2>(tp, {x, t1}, wj, v, C, c, acc);
-                for (int i = 0; i < B * SC; ++i) {
-                    const int64_t at = v * CS + c * SC + 8 * i;
-                    v8 num = acc[0][i] + eps, den = acc[1][i] + eps, sv = load8(saved + at);
-                    store8(r + at, num / den);
-                    v8 ws = from_output ? sv / num : sv / den;  // s / D (= out / N from the output)
-                    if (relu_input && !from_output) ws = ws > 0 ? ws : v8{};
-                    store8(w + at, ws * load8(grad + at));
-                }
-              }
-            });
+        for_adjoints<SC, 2>(g, r0, r1, {x, t1}, wj, [&](int64_t i, const vec* a) {
+            store(out + i, load(s + i) * (a[0] + eps) / (a[1] + eps));
+        });
+    });
+}
+
+template <int SC> void ratios(const Geo& g, const float* x, const float* t1, const float* saved,
+                                      const float* grad, const float* wj, float* r, float* w, float eps,
+                                      bool relu_input, bool from_output, int threads) {
+    parallel_rows(g, threads, [&](int64_t r0, int64_t r1, int) {
+        for_adjoints<SC, 2>(g, r0, r1, {x, t1}, wj, [&](int64_t i, const vec* a) {
+            vec num = a[0] + eps, den = a[1] + eps, sv = load(saved + i);
+            store(r + i, num / den);
+            vec ws = from_output ? sv / num : sv / den;  // s / D (= out / N from the output)
+            if (relu_input && !from_output) ws = ws > 0 ? ws : vec{};
+            store(w + i, ws * load(grad + i));
         });
     });
 }
 
 template <int SC> void grad_z(const Geo& g, const float* gt1, const float* wj, float* r, const float* grad,
-                              const float* saved, bool relu_input, int threads) {
-    const int64_t C = g.c, CS = C * SC;
+                                      const float* saved, bool relu_input, int threads) {
     parallel_rows(g, threads, [&](int64_t r0, int64_t r1, int) {
-        for_rows(g, r0, r1, [&](int64_t row, const RowTaps& taps) {
-            blocks<at_least_one(8 / SC)>(C, [&]<int B>(int64_t c) {
-              for (int64_t v = row * g.w; v < (row + 1) * g.w; ++v) {
-                const Taps& tp = taps[v - row * g.w];
-                v8 acc[1][B * SC];
-                adjoints_at<SC, B, 1>(tp, {gt1}, wj, v, C, c, acc);
-                for (int i = 0; i < B * SC; ++i) {
-                    const int64_t at = v * CS + c * SC + 8 * i;
-                    v8 p = acc[0][i] + load8(r + at) * load8(grad + at);
-                    if (relu_input) p = load8(saved + at) > 0 ? p : v8{};
-                    store8(r + at, p);
-                }
-              }
-            });
+        for_adjoints<SC, 1>(g, r0, r1, {gt1}, wj, [&](int64_t i, const vec* a) {
+            vec p = a[0] + load(r + i) * load(grad + i);
+            if (relu_input) p = load(saved + i) > 0 ? p : vec{};
+            store(r + i, p);
         });
     });
 }
 
 // gw[t][j][c] = sum_v grad[v, c * SC + j] * y[v + t, c], row by row: a row of grad is first laid out
-// by source (blocks of 8 channels: [C / 8][W][SC][8]), then every tap runs along the row with its
+// by source (vectors of channels: [C / VL][W][SC][VL]), then every tap runs along the row with its
 // accumulators in registers, U voxels at a time.
 template <int SC> void filter_grad(const Geo& g, const float* y, const float* grad, float* gw, int threads) {
     const int64_t C = g.c, CS = C * SC, T = g.taps(), W = g.w;
@@ -286,40 +305,40 @@ template <int SC> void filter_grad(const Geo& g, const float* y, const float* gr
         for (int64_t r = r0; r < r1; ++r) {
             const int64_t hh = r % g.h, dd = (r / g.h) % g.d, n = r / (g.h * g.d);
             for (int64_t w = 0; w < W; ++w)
-                for (int64_t c = 0; c < C; c += 8) {
-                    v8 in[SC], out[SC];
-                    for (int j = 0; j < SC; ++j) in[j] = load8(grad + (r * W + w) * CS + c * SC + 8 * j);
-                    by_source<SC>(in, out);
-                    for (int j = 0; j < SC; ++j) store8(row.data() + ((c / 8 * W + w) * SC + j) * 8, out[j]);
+                for (int64_t c = 0; c < C; c += VL) {
+                    vec a[SC];
+                    for (int j = 0; j < SC; ++j) a[j] = load(grad + (r * W + w) * CS + c * SC + VL * j);
+                    by_source<SC>(a);
+                    for (int j = 0; j < SC; ++j) store(row.data() + ((c / VL * W + w) * SC + j) * VL, a[j]);
                 }
-            for (int64_t a = 0; a < g.kd; ++a) {
-                const int64_t d2 = dd + a - g.kd / 2;
+            for (int64_t ta = 0; ta < g.kd; ++ta) {
+                const int64_t d2 = dd + ta - g.kd / 2;
                 if (d2 < 0 || d2 >= g.d) continue;
-                for (int64_t b = 0; b < g.kh; ++b) {
-                    const int64_t h2 = hh + b - g.kh / 2;
+                for (int64_t tb = 0; tb < g.kh; ++tb) {
+                    const int64_t h2 = hh + tb - g.kh / 2;
                     if (h2 < 0 || h2 >= g.h) continue;
                     const float* yrow = y + ((n * g.d + d2) * g.h + h2) * W * C;
                     for (int64_t e = 0; e < g.kw; ++e) {
-                        const int64_t shift = e - g.kw / 2, t = (a * g.kh + b) * g.kw + e;
+                        const int64_t shift = e - g.kw / 2, t = (ta * g.kh + tb) * g.kw + e;
                         const int64_t w0 = std::max<int64_t>(0, -shift), w1 = std::min<int64_t>(W, W - shift);
-                        for (int64_t c = 0; c < C; c += 8) {
-                            const float* gr = row.data() + c / 8 * W * SC * 8;
-                            v8 sum[U][SC] = {};
+                        for (int64_t c = 0; c < C; c += VL) {
+                            const float* gr = row.data() + c / VL * W * SC * VL;
+                            vec sum[U][SC] = {};
                             int64_t w = w0;
                             for (; w + U <= w1; w += U)
                                 for (int u = 0; u < U; ++u) {
-                                    v8 yv = load8(yrow + (w + u + shift) * C + c);
-                                    for (int j = 0; j < SC; ++j) sum[u][j] += load8(gr + ((w + u) * SC + j) * 8) * yv;
+                                    vec yv = load(yrow + (w + u + shift) * C + c);
+                                    for (int j = 0; j < SC; ++j) sum[u][j] += load(gr + ((w + u) * SC + j) * VL) * yv;
                                 }
                             for (; w < w1; ++w) {
-                                v8 yv = load8(yrow + (w + shift) * C + c);
-                                for (int j = 0; j < SC; ++j) sum[0][j] += load8(gr + (w * SC + j) * 8) * yv;
+                                vec yv = load(yrow + (w + shift) * C + c);
+                                for (int j = 0; j < SC; ++j) sum[0][j] += load(gr + (w * SC + j) * VL) * yv;
                             }
                             for (int j = 0; j < SC; ++j) {
-                                v8 total = sum[0][j];
+                                vec total = sum[0][j];
                                 for (int u = 1; u < U; ++u) total += sum[u][j];
                                 float* dst = acc.data() + (t * SC + j) * C + c;
-                                store8(dst, load8(dst) + total);
+                                store(dst, load(dst) + total);
                             }
                         }
                     }
@@ -334,7 +353,7 @@ template <int SC> void filter_grad(const Geo& g, const float* y, const float* gr
 
 Geo geo_of(const int64_t* g) { return Geo{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]}; }
 
-// Runs f<SC>() for a supported SC; -1 otherwise.
+// Runs f.template operator()<SC>() for a supported SC; -1 otherwise.
 template <class F> int dispatch(int sc, F f) {
     switch (sc) {
         case 1: f.template operator()<1>(); return 0;
