@@ -2,7 +2,7 @@
 :mod:`deconver.nn.ndc_triton`.
 
 On channels-last float32 CPU tensors, for a depth-wise layer (``G = C``) with ``sc`` in 1, 2, 4 or 8
-and ``C`` a multiple of 8, :class:`~deconver.nn.ndc_update.NDCUpdate` evaluates the stencils ``K`` and ``A``
+and ``C`` a multiple of 8 (:func:`supported`), :class:`~deconver.nn.ndc_update.NDCUpdate` evaluates the stencils ``K`` and ``A``
 directly instead of as oneDNN grouped convolutions: ``K(s)`` sums its ``sc`` source channels in
 registers, both adjoints of the update are computed in one pass with the update's element-wise
 arithmetic (``A(x)`` and ``A(K(s))`` never exist as tensors), and the backward's ratios, ``dL/dz`` and
@@ -33,15 +33,13 @@ from torch import Tensor
 
 from deconver.nn.ndc_ops import _CHANNELS_LAST, _is_channels_last
 
-__all__ = ["available", "filter_grad", "grad_z", "k_op", "ratios", "supported", "update"]
+__all__ = ["available", "cache_dir", "filter_grad", "grad_z", "k_op", "ratios", "supported", "update"]
 
 SOURCE = Path(__file__).with_name("csrc") / "ndc_cpu.cpp"
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-pthread")
-SOURCE_CHANNELS = (1, 2, 4, 8)  # the sc the kernels are instantiated for
-_BLOCK = 8  # channels per vector: C must be a multiple of it
-
 _i64p, _f32p = ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p
 _SIGNATURES = {
+    "ndc_supports": (ctypes.c_int, ctypes.c_int64),
     "ndc_k": (ctypes.c_int, _i64p, _f32p, _f32p, _f32p, ctypes.c_float, ctypes.c_int),
     "ndc_update": (ctypes.c_int, _i64p, _f32p, _f32p, _f32p, _f32p, _f32p, ctypes.c_float, ctypes.c_int),
     "ndc_ratios": (ctypes.c_int, _i64p, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p, ctypes.c_float,
@@ -114,12 +112,13 @@ def available() -> bool:
 
 
 def supported(x: Tensor, s: Tensor, h: Tensor, groups: int) -> bool:
-    """Whether the kernels take this update: CPU float32 (``x`` too), 2D/3D, ``s`` channels-last,
-    depth-wise with ``sc`` in :data:`SOURCE_CHANNELS` and ``C`` a multiple of 8, kernels built. The
-    caller gives ``x`` (and every other operand) in ``s``'s layout."""
+    """Whether the kernels take this update: CPU float32 (``x`` too), 2D/3D, ``s`` channels-last, a
+    depth-wise filter whose ``sc`` and ``C`` the library has kernels for (``ndc_supports``: ``sc`` in 1,
+    2, 4, 8 and ``C`` a multiple of 8), kernels built. The caller gives ``x`` (and every other operand)
+    in ``s``'s layout."""
     c, sc = h.shape[:2]
     return (s.device.type == "cpu" and s.dtype == x.dtype == h.dtype == torch.float32 and _is_channels_last(s)
-            and c == groups and sc in SOURCE_CHANNELS and c % _BLOCK == 0 and available())
+            and c == groups and available() and _library().ndc_supports(sc, c) == 1)
 
 
 def _geometry(t: Tensor, h: Tensor) -> ctypes.Array:

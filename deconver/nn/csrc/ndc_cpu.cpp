@@ -353,7 +353,7 @@ template <int SC> void filter_grad(const Geo& g, const float* y, const float* gr
 
 Geo geo_of(const int64_t* g) { return Geo{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]}; }
 
-// Runs f.template operator()<SC>() for a supported SC; -1 otherwise.
+// Runs f.template operator()<SC>() for a supported SC; -1 otherwise (ndc_supports says which).
 template <class F> int dispatch(int sc, F f) {
     switch (sc) {
         case 1: f.template operator()<1>(); return 0;
@@ -368,7 +368,12 @@ template <class F> int dispatch(int sc, F f) {
 
 extern "C" {
 
-// geo: (N, D, H, W, C, kd, kh, kw); C a multiple of 8.
+// 1 if the kernels take a layer of C channels with SC source channels each, else 0.
+int ndc_supports(int sc, int64_t c) {
+    return c > 0 && c % VL == 0 && dispatch(sc, []<int SC>() {}) == 0;
+}
+
+// geo: (N, D, H, W, C, kd, kh, kw), with ndc_supports(sc, C).
 int ndc_k(int sc, const int64_t* geo, const float* s, const float* wk, float* out, float scale, int threads) {
     Geo g = geo_of(geo);
     return dispatch(sc, [&]<int SC>() { k_op<SC>(g, s, wk, out, scale, threads); });
