@@ -26,13 +26,15 @@ Two implementations of the same layer (same parameters, interchangeable state di
     projection ``z`` (with ``x >= 0``: the update's output, from which ``s`` is recovered) and
     ``K(s)`` for backward and recomputes ``A(x)`` and ``A(K(s))`` there. ReLU and
     the projection's bias are folded into the node, and the source-sized temporaries are updated in
-    place (two alive at a time). On CPU the 2D/3D layer computes in channels-last layout, the layout in
-    which oneDNN runs these grouped convolutions natively (the projection writes it directly, without
-    converting ``x``), and returns a channels-last tensor; there, the depth-wise ``K`` is a depth-wise
-    convolution plus a sum (see ``ndc_ops._k_op``) and the filter gradients merge groups (see
-    ``ndc_ops._adjoint_filter_grad``). On CUDA, for a depth-wise float32 layer (the paper's configuration), the
-    node runs fused Triton kernels that evaluate the stencils directly (:mod:`deconver.nn.ndc_triton`;
-    ``DECONVER_NDC_FUSED=0`` turns them off); otherwise the same node runs on cuDNN in NC(D)HW.
+    place (two alive at a time). On CPU the 2D/3D layer computes in channels-last layout (the projection
+    writes it directly, without converting ``x``) and returns a channels-last tensor. For a depth-wise
+    float32 layer (the paper's configuration) the node then runs native kernels that evaluate the
+    stencils directly (:mod:`deconver.nn.ndc_cpu`); otherwise oneDNN's grouped convolutions, which run
+    natively in that layout: the depth-wise ``K`` is a depth-wise convolution plus a sum (see
+    ``ndc_ops._k_op``) and the filter gradients merge groups (see ``ndc_ops._adjoint_filter_grad``). On
+    CUDA, for a depth-wise float32 layer, the node runs fused Triton kernels that evaluate the stencils
+    directly (:mod:`deconver.nn.ndc_triton`); otherwise the same node runs on cuDNN in NC(D)HW.
+    ``DECONVER_NDC_FUSED=0`` turns both kinds of fused kernels off.
 
 ``num_grad_iters`` follows the official code: iteration ``it`` (1-based) runs under ``torch.no_grad()``
 when ``it <= num_iters - num_grad_iters``, so only the last ``num_grad_iters`` iterations carry
@@ -41,7 +43,8 @@ gradient at all, exactly as in the official code).
 
 Code: this module is the layer (parameters, checks, the two forwards) and the official formulation;
 :mod:`deconver.nn.ndc_update` the lean autograd node; :mod:`deconver.nn.ndc_ops` the operators ``K``
-and ``A`` as convolutions and their CPU helpers; :mod:`deconver.nn.ndc_triton` the fused CUDA kernels.
+and ``A`` as convolutions and their CPU helpers; :mod:`deconver.nn.ndc_triton` the fused CUDA kernels;
+:mod:`deconver.nn.ndc_cpu` the native CPU kernels.
 """
 
 from __future__ import annotations

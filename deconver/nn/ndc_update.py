@@ -1,10 +1,11 @@
 """NDCUpdate: one NDC multiplicative update as a single memory-lean autograd node (the ``"lean"`` layer).
 
 Forward ``s * (A(x) + eps) / (A(K(s)) + eps)`` with ``s = relu(z)``; only ``x``, the output (or ``z``)
-and ``K(s)`` are kept, ``A(x)`` and ``A(K(s))`` are recomputed in backward. On CUDA, for a depth-wise
-float32 layer, the node runs the fused Triton kernels of :mod:`deconver.nn.ndc_triton`
-(``DECONVER_NDC_FUSED=0`` turns them off); elsewhere the grouped convolutions of
-:mod:`deconver.nn.ndc_ops`. Notation: :mod:`deconver.nn.ndc`.
+and ``K(s)`` are kept, ``A(x)`` and ``A(K(s))`` are recomputed in backward. For a depth-wise float32
+layer the node runs fused kernels: on CUDA the Triton kernels of :mod:`deconver.nn.ndc_triton`, on the
+CPU (channels-last) the native kernels of :mod:`deconver.nn.ndc_cpu` (``DECONVER_NDC_FUSED=0`` turns
+both off); elsewhere the grouped convolutions of :mod:`deconver.nn.ndc_ops`. Notation:
+:mod:`deconver.nn.ndc`.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def _lean_backward(g: Tensor, x: Tensor, saved: Tensor, h: Tensor, t1: Tensor, g
     ``out = s * N / D``: then ``s / D = out / N``, ``s = out / R`` with ``R = N / D``, and ReLU's mask is
     ``out > 0``. Two source-sized work buffers; each is freed before the next one is made. On the CPU slab
     path (channels-last) the adjoints ``N``, ``D`` and ``A(dL/dt1)`` exist only slab by slab, each used
-    where it is computed (:func:`_slab_ratios`, :func:`_slab_grad_z`).
+    where it is computed (:func:`_slab_ratios`, :func:`_slab_grad_z`), or not at all where the native
+    kernels run (:mod:`deconver.nn.ndc_cpu`: the same steps, each one pass).
     """
     g = _like_layout(g, saved)
     x = _like_layout(x, saved)  # a temporary copy if the caller's x has another layout
