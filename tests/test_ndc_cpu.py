@@ -198,3 +198,22 @@ def test_build_is_cached_per_source_and_written_whole(kernels, monkeypatch, tmp_
     other = kernels._build()
     assert other != lib and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted([lib.name, other.name])
+
+
+def test_kernel_benchmark_runs_both_paths(kernels, tmp_path):
+    """benchmarks/ndc_cpu.py times every step in both forms at a tiny geometry and writes its JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ndc_cpu.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ndc_cpu.py"
+    proc = subprocess.run([sys.executable, script, "--channels", "8", "--size", "6", "--repeats", "1", "--out", out],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert [r["step"] for r in report["results"]] == ["K(s)", "forward update", "backward ratios", "dL/dz",
+                                                      "filter gradient"]
+    assert all(r["convolutions_s"] > 0 and r["native_s"] > 0 for r in report["results"])
+    assert report["geometry"]["channels"] == 8 and "provenance" in report
