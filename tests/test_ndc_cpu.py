@@ -217,3 +217,16 @@ def test_kernel_benchmark_runs_both_paths(kernels, tmp_path):
                                                       "filter gradient"]
     assert all(r["convolutions_s"] > 0 and r["native_s"] > 0 for r in report["results"])
     assert report["geometry"]["channels"] == 8 and "provenance" in report
+
+
+def test_operands_the_kernels_would_misread_are_refused(kernels):
+    """A tensor in another layout, dtype or shape than the kernel reads is an error naming the operand,
+    not a silent misread."""
+    h, x, s, g, cl = _operands(3, 8, 4, (3, 3, 3), (4, 5, 6))
+    h32 = h.float()
+    with pytest.raises(ValueError, match="ndc_k: operand 0"):
+        kernels.k_op(s.float(), h32)  # NC(D)HW, not channels-last
+    with pytest.raises(ValueError, match="operand 0"):
+        kernels.k_op(cl(s).double(), h32)
+    with pytest.raises(ValueError, match="ndc_update: operand 1"):
+        kernels.update(cl(x), cl(x[:, :, :3]), cl(s), adjoint_weight(h32, 8).contiguous(), h32, 1e-3, cl(s))

@@ -146,9 +146,25 @@ def _new(like: Tensor, channels: int) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, memory_format=_CHANNELS_LAST[like.dim() - 2])
 
 
-def _call(name: str, sc: int, *args) -> None:
+def _call(name: str, sc: int, geometry: ctypes.Array, *args) -> None:
+    """Run kernel ``name`` on ``args`` (tensors by pointer) after checking that every tensor is a CPU
+    float32 one the kernel can read as it assumes: images channels-last with the geometry's batch,
+    spatial size and ``C`` or ``C*sc`` channels, tables contiguous (a wrong one would be read as
+    garbage, not refused)."""
+    n, d, hh, w, c = geometry[:5]
+    for i, a in enumerate(args):
+        if not isinstance(a, Tensor):
+            continue
+        if a.dim() >= 4:
+            ok = (a.dim() - 2 in _CHANNELS_LAST and a.is_contiguous(memory_format=_CHANNELS_LAST[a.dim() - 2])
+                  and a.shape[0] == n and a.shape[1] in (c, c * sc) and tuple(a.shape[2:]) == (d, hh, w)[-(a.dim() - 2):])
+        else:
+            ok = a.is_contiguous()
+        if not (ok and a.dtype == torch.float32 and a.device.type == "cpu"):
+            raise ValueError(f"{name}: operand {i} (shape {tuple(a.shape)}, {a.dtype}, strides {a.stride()}) is "
+                             f"not a float32 CPU tensor laid out as the kernel reads it")
     ptrs = [a.data_ptr() if isinstance(a, Tensor) else a for a in args]
-    if getattr(_library(), name)(sc, *ptrs, torch.get_num_threads()) != 0:
+    if getattr(_library(), name)(sc, geometry, *ptrs, torch.get_num_threads()) != 0:
         raise RuntimeError(f"{name}: no kernel for sc={sc}")
 
 
