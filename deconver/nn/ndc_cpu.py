@@ -1,9 +1,9 @@
-"""Native CPU kernels of the depth-wise NDC update (``csrc/ndc_cpu.cpp``), the CPU counterpart of
-:mod:`deconver.nn.ndc_triton`.
+"""Native CPU kernels of the depth-wise NDC update (``csrc/ndc_cpu.cpp``).
 
-On channels-last float32 CPU tensors, for a depth-wise layer (``G = C``) with ``sc`` in 1, 2, 4 or 8
-and ``C`` a multiple of 8 (:func:`supported`), :class:`~deconver.nn.ndc_update.NDCUpdate` evaluates the stencils ``K`` and ``A``
-directly instead of as oneDNN grouped convolutions: ``K(s)`` sums its ``sc`` source channels in
+The CPU counterpart of :mod:`deconver.nn.ndc_triton`. On channels-last float32 CPU tensors, for a
+depth-wise layer (``G = C``) with ``sc`` in 1, 2, 4 or 8 and ``C`` a multiple of 8 (:func:`supported`),
+:class:`~deconver.nn.ndc_update.NDCUpdate` evaluates the stencils ``K`` and ``A`` directly instead of as
+oneDNN grouped convolutions: ``K(s)`` sums its ``sc`` source channels in
 registers, both adjoints of the update are computed in one pass with the update's element-wise
 arithmetic (``A(x)`` and ``A(K(s))`` never exist as tensors), and the backward's ratios, ``dL/dz`` and
 the three filter gradients are single passes too. Same mathematics as the convolution path, up to
