@@ -12,7 +12,10 @@ summation order (tests/test_ndc_cpu.py checks every kernel against float64).
 The source is compiled on first use with the system's C++ compiler (``$CXX``, default ``g++``;
 ``-O3 -march=native``, C++20) into ``$DECONVER_KERNEL_CACHE`` (default ``~/.cache/deconver``), under a
 name that hashes the source, the flags, the compiler's version and this CPU's instruction-set flags,
-and is then reused by every process (the file is written atomically). Nothing is downloaded. Without a
+and is then reused by every process (the file is written atomically). Nothing is downloaded. Not
+``torch.utils.cpp_extension``: the kernels use no PyTorch header (a 3 s build instead of a full
+extension's), are called through ``ctypes`` on tensors' data pointers, and a ``-march=native`` build must
+be keyed by the CPU it was built for (a cluster's shared home serves nodes of several kinds). Without a
 compiler, or where the build fails, a warning names the reason once and the convolution path runs.
 ``DECONVER_NDC_FUSED=0`` turns these kernels off, as it does the Triton ones.
 """
