@@ -209,5 +209,5 @@ def test_block_keeps_no_normalised_input_nor_hidden_activation(dims):
     y0, g0, n0 = run(plain=True)
     y1, g1, n1 = run(plain=False)
     assert torch.allclose(y0, y1, rtol=1e-5, atol=1e-6)  # (the block's 1x1 convolutions are GEMMs on the CPU)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g0, g1))
+    assert all((a - b).abs().max() < 1e-5 * b.abs().max() for a, b in zip(g0, g1))  # float32 rounding
     assert n0 - n1 >= (2 + 4) * 2 * 8 * 6 ** dims

@@ -69,13 +69,15 @@ def test_gemm_path_writes_its_output_in_place(monkeypatch):
 
 
 @pytest.mark.parametrize("impl", ["lean", "reference"])
-def test_network_on_the_gemm_path_matches_the_convolutions(impl, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_network_on_the_gemm_path_matches_the_convolutions(impl, batch, monkeypatch):
     """The whole network (blocks, decoder adapters, head) trains to the same values and gradients with
-    the GEMM path as with PyTorch's convolutions (``_gemm_ok`` forced off)."""
+    the GEMM path (channels-last blocks, float64: BLAS, the composite norm) as with PyTorch's
+    convolutions in NC(D)HW (``_gemm_ok`` forced off), at batch 1 too."""
     torch.manual_seed(3)
     net = Deconver(3, 2, 2, channels=(4, 8), ndc_impl=impl).double()
-    x = torch.rand(2, 2, 8, 6, 4, dtype=torch.float64)
-    gy = torch.randn(2, 2, 8, 6, 4, dtype=torch.float64)
+    x = torch.rand(batch, 2, 8, 6, 4, dtype=torch.float64)
+    gy = torch.randn(batch, 2, 8, 6, 4, dtype=torch.float64)
     runs = []
     for gemm in (True, False):
         monkeypatch.setattr(pw, "_gemm_ok", lambda h, gemm=gemm: gemm)
@@ -87,19 +89,125 @@ def test_network_on_the_gemm_path_matches_the_convolutions(impl, monkeypatch):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
 
 
-def test_block_mixer_runs_channels_last_without_layout_copies():
-    """In training on the CPU the lean mixer's input projection writes channels-last and its output
-    projection answers NC(D)HW: no layout conversion (aten::copy_ of a block-sized tensor) in the block's
-    forward and backward, and the block's output keeps the input's NC(D)HW layout."""
+def test_block_trains_channels_last_without_layout_copies():
+    """In training on the CPU a block computes channels-last: a channels-last input goes through the
+    block's forward and backward without a layout conversion (no aten::copy_ of a block-sized tensor)
+    and comes out channels-last; an NC(D)HW input is converted once, at the block's entry."""
     torch.manual_seed(4)
     block = DeconverBlock(8, spatial_dims=3)
-    x = torch.rand(1, 8, 8, 8, 8, requires_grad=True)
+    x = torch.rand(1, 8, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
     with torch.profiler.profile(record_shapes=True) as prof:
         y = block(x)
         y.backward(torch.ones_like(y))
-    assert y.is_contiguous()
+    assert _layout(y) == "cl" and _layout(x.grad) == "cl"
     big = [e for e in prof.events() if e.name == "aten::copy_" and e.input_shapes and e.input_shapes[0][2:] == [8, 8, 8]]
     assert not big, [e.input_shapes for e in big]
+    assert _layout(block(torch.rand(1, 8, 8, 8, 8, requires_grad=True))) == "cl"
+    with torch.no_grad():  # inference keeps the plain modules and NC(D)HW
+        assert _layout(block(torch.rand(1, 8, 8, 8, 8))) == "nc"
+
+
+def test_float32_training_path_matches_float64(monkeypatch):
+    """The float32 CPU training path (channels-last blocks; oneDNN's products, the native norms, the
+    chunked GELU, the stride-2 convolutions on patches; each asserted to have run) gives the float64
+    NC(D)HW convolutions' values and gradients to float32 rounding, at batch 1 and 2."""
+    torch.manual_seed(6)
+    net = Deconver(3, 2, 2, channels=(8, 16))
+    ref = Deconver(3, 2, 2, channels=(8, 16)).double()
+    ref.load_state_dict(net.state_dict())
+    monkeypatch.setattr(pw, "_CHUNK_BYTES", 4096)  # several GELU chunks
+    for batch in (1, 2):
+        x = torch.rand(batch, 2, 8, 6, 4)
+        gy = torch.randn(batch, 2, 8, 6, 4)
+        with torch.profiler.profile() as prof:
+            y = net(x)
+            grads = torch.autograd.grad(y, list(net.parameters()), gy)
+        names = {e.name for e in prof.events()}
+        assert {"mkldnn::_linear_pointwise", "_InstanceNorm", "_PatchConv"} <= names, names
+        with monkeypatch.context() as m:
+            m.setattr(pw, "_gemm_ok", lambda h: False)
+            y_ref = ref(x.double())
+            ref_grads = torch.autograd.grad(y_ref, list(ref.parameters()), gy.double())
+        assert (y.double() - y_ref).abs().max() < 1e-5 * y_ref.abs().max()
+        for (name, _), a, b in zip(net.named_parameters(), grads, ref_grads):
+            assert (a.double() - b).abs().max() < 1e-4 * b.abs().max(), name
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gelu_linear_in_chunks_matches_the_modules(bias, monkeypatch):
+    """``conv1x1(gelu(h))`` chunk by chunk (chunks of 3 voxels here) equals the modules in value and in
+    every gradient, without a whole-size GELU output (no aten::gelu on more than a chunk)."""
+    monkeypatch.setattr(pw, "_CHUNK_BYTES", 3 * 8 * 4)
+    torch.manual_seed(7)
+    conv = torch.nn.Conv3d(8, 5, 1, bias=bias)
+    h = torch.randn(2, 8, 4, 3, 5).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    gy = torch.randn(2, 5, 4, 3, 5)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        out = pw.pointwise(h, conv, fn=torch.nn.GELU(), channels_last=True)
+        grads = torch.autograd.grad(out, [h, *conv.parameters()], gy)
+    gelus = [e.input_shapes[0] for e in prof.events() if e.name == "aten::gelu" and e.input_shapes]
+    assert gelus and all(shape == [3, 8] for shape in gelus), gelus
+    hd = h.detach().double().requires_grad_()
+    convd = torch.nn.Conv3d(8, 5, 1, bias=bias).double()
+    convd.load_state_dict(conv.state_dict())
+    ref = convd(torch.nn.functional.gelu(hd))
+    ref_grads = torch.autograd.grad(ref, [hd, *convd.parameters()], gy.double())
+    assert _layout(out) == "cl" and torch.allclose(out.double(), ref, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a.double(), b, atol=1e-4)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_patch_convolution_matches_the_module(dims, transposed):
+    """A kernel-2 stride-2 convolution (or its transpose) of a channels-last float32 tensor as a GEMM on
+    patches: the module's values and gradients (input, weight, bias), channels-last output."""
+    torch.manual_seed(8)
+    cls = {(2, False): torch.nn.Conv2d, (3, False): torch.nn.Conv3d,
+           (2, True): torch.nn.ConvTranspose2d, (3, True): torch.nn.ConvTranspose3d}[dims, transposed]
+    conv, ref_conv = cls(6, 10, 2, stride=2), cls(6, 10, 2, stride=2).double()
+    ref_conv.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 6, *[4, 6, 8][:dims]).contiguous(memory_format=FORMATS[dims]).requires_grad_()
+    y = pw.patch_conv(x, conv)
+    assert y.grad_fn.name() == "_PatchConvBackward" and _layout(y) == "cl"
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *conv.parameters()], gy)
+    xd = x.detach().double().requires_grad_()
+    ref = ref_conv(xd)
+    ref_grads = torch.autograd.grad(ref, [xd, *ref_conv.parameters()], gy.double())
+    assert torch.allclose(y.double(), ref, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a.double(), b, atol=1e-4)
+
+
+def test_patch_convolution_falls_back_where_it_does_not_apply():
+    """Odd sizes, float64, a stride-1 convolution or no gradients: the module itself, on NC(D)HW."""
+    down = torch.nn.Conv3d(4, 8, 2, stride=2)
+    cl = torch.randn(1, 4, 4, 6, 8).contiguous(memory_format=torch.channels_last_3d)
+    down64 = torch.nn.Conv3d(4, 8, 2, stride=2).double()
+    for x, conv in [(cl[:, :, :3], down), (cl.double(), down64), (cl, torch.nn.Conv3d(4, 8, 2))]:
+        y = pw.patch_conv(x.requires_grad_() if x.is_leaf else x, conv)
+        assert y.grad_fn.name() != "_PatchConvBackward"
+        assert torch.allclose(y, conv(x.contiguous()))
+    with torch.no_grad():
+        assert _layout(pw.patch_conv(cl, down)) == "nc"
+
+
+def test_onednn_products_can_be_turned_off(monkeypatch):
+    """``DECONVER_ONEDNN_LINEAR=0`` leaves every product to BLAS: the same values and gradients."""
+    torch.manual_seed(9)
+    conv = torch.nn.Conv3d(8, 16, 1)
+    h = torch.randn(1, 8, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    runs = []
+    for off in ("1", "0"):
+        monkeypatch.setenv("DECONVER_ONEDNN_LINEAR", off)
+        with torch.profiler.profile() as prof:
+            out = pw.pointwise(h, conv, channels_last=True)
+            grads = torch.autograd.grad(out, [h, *conv.parameters()], torch.ones_like(out))
+        runs.append((out, grads, any(e.name == "mkldnn::_linear_pointwise" for e in prof.events())))
+    (o1, g1, used1), (o0, g0, used0) = runs
+    assert used1 and not used0
+    assert torch.allclose(o1, o0, atol=1e-5) and all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g1, g0))
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -14,7 +14,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from deconver.nn.ndc import IMPLEMENTATIONS, NDC, _as_kernel
-from deconver.nn.pointwise import pointwise, pointwise_cat
+from deconver.nn.ndc_ops import _is_channels_last
+from deconver.nn.norm import norm_fn
+from deconver.nn.pointwise import patch_conv, pointwise, pointwise_cat, training_layout
 from deconver.nn.presets import PRESETS
 
 __all__ = ["DeconvMixer", "DeconverBlock", "Deconver"]
@@ -81,10 +83,10 @@ class DeconvMixer(nn.Module):
     def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
         """``Mixer(x)``, or ``Mixer(norm(x))`` with ``norm(x)`` recomputed in backward, not stored."""
         # on the CPU the lean NDC computes channels-last: the input projection writes that layout and
-        # the output projection reads it, answering in x's NC(D)HW (GEMMs, no layout conversion)
+        # the output projection reads it, answering in x's layout (GEMMs, no layout conversion)
         lean = self.ndc.impl == "lean" and self.ndc.spatial_dims > 1
         s = self.ndc(self.act(pointwise(x, self.in_proj, fn=norm, channels_last=lean)))
-        return self.dropout(pointwise(s, self.out_proj, channels_last=False))
+        return self.dropout(pointwise(s, self.out_proj, channels_last=_is_channels_last(x)))
 
 
 class DeconverBlock(nn.Module):
@@ -135,13 +137,17 @@ class DeconverBlock(nn.Module):
             x = x + self.mixer(self.norm1(x))
             return x + self.mlp(self.norm2(x))
         # the same computation as x + mixer(norm1(x)); x + mlp(norm2(x)), with the normalised inputs and
-        # the GELU output recomputed in backward instead of stored (deconver.nn.pointwise)
-        x = x + self.mixer(x, self.norm1)
+        # the GELU output recomputed in backward instead of stored (deconver.nn.pointwise); on the CPU
+        # the block computes channels-last (its GEMMs in oneDNN, the NDC's layout), the layout it returns
+        x = training_layout(x)
+        cl = _is_channels_last(x)
+        # (each residual sum written over the branch's output, a fresh tensor its backward does not keep)
+        x = self.mixer(x, norm_fn(self.norm1, x)).add_(x)
         fc1, act, inner_dropout, fc2, dropout = self.mlp
-        hidden = pointwise(x, fc1, fn=self.norm2)
+        hidden = pointwise(x, fc1, fn=norm_fn(self.norm2, x), channels_last=cl)
         if self.training and inner_dropout.p > 0:  # dropout between GELU and fc2: the plain modules
-            return x + dropout(fc2(inner_dropout(act(hidden))))
-        return x + dropout(pointwise(hidden, fc2, fn=act))
+            return dropout(fc2(inner_dropout(act(hidden)))).add_(x)
+        return dropout(pointwise(hidden, fc2, fn=act, channels_last=cl)).add_(x)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.checkpointing and torch.is_grad_enabled():
@@ -159,7 +165,8 @@ class _DecoderStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        return self.blocks(pointwise_cat((skip, self.upsample(x)), self.adapter))  # no concatenation kept
+        up = patch_conv(x, self.upsample)  # channels-last in training on the CPU (pointwise.training_layout)
+        return self.blocks(pointwise_cat((skip, up), self.adapter, _is_channels_last(skip)))  # no concatenation kept
 
 
 def _per_stage(value, n: int, name: str) -> tuple[int, ...]:
@@ -311,8 +318,10 @@ class Deconver(nn.Module):
         self._checkpointing = value
 
     def _encode(self, i: int, x: Tensor) -> Tensor:
-        """Encoder stage ``i`` (the stem first at stage 0)."""
-        return self.encoder[i](self.stem(x) if i == 0 else x)
+        """Encoder stage ``i`` (the stem first at stage 0; channels-last in training on the CPU, see
+        :func:`deconver.nn.pointwise.training_layout`)."""
+        stage = self.encoder[i]
+        return stage.blocks(self.stem(training_layout(x)) if i == 0 else patch_conv(x, stage.downsample))
 
     @property
     def divisor(self) -> int:

@@ -36,7 +36,8 @@ from torch import Tensor
 
 from deconver.nn.ndc_ops import _CHANNELS_LAST, _is_channels_last
 
-__all__ = ["available", "cache_dir", "filter_grad", "grad_z", "k_op", "ratios", "supported", "update"]
+__all__ = ["available", "cache_dir", "filter_grad", "grad_z", "instance_norm", "instance_norm_backward", "k_op",
+           "norm_supported", "ratios", "supported", "update"]
 
 SOURCE = Path(__file__).with_name("csrc") / "ndc_cpu.cpp"
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-pthread")
@@ -49,6 +50,8 @@ _SIGNATURES = {
                    ctypes.c_int, ctypes.c_int, ctypes.c_int),
     "ndc_grad_z": (ctypes.c_int, _i64p, _f32p, _f32p, _f32p, _f32p, _f32p, ctypes.c_int, ctypes.c_int),
     "ndc_filter_grad": (ctypes.c_int, _i64p, _f32p, _f32p, _f32p, ctypes.c_int),
+    "instance_norm_forward": (_i64p, _f32p, _f32p, _f32p, _f32p, ctypes.c_float, ctypes.c_int),
+    "instance_norm_backward": (_i64p, _f32p, _f32p, _f32p, _f32p, _f32p, ctypes.c_int),
 }
 
 
@@ -149,25 +152,27 @@ def _new(like: Tensor, channels: int) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, memory_format=_CHANNELS_LAST[like.dim() - 2])
 
 
-def _call(name: str, sc: int, geometry: ctypes.Array, *args) -> None:
-    """Run kernel ``name`` on ``args`` (tensors by pointer) after checking that every tensor is a CPU
-    float32 one the kernel can read as it assumes: images channels-last with the geometry's batch,
-    spatial size and ``C`` or ``C*sc`` channels, tables contiguous (a wrong one would be read as
-    garbage, not refused)."""
+def _call(name: str, sc: int | None, geometry: ctypes.Array, *args) -> None:
+    """Run kernel ``name`` on ``args`` (tensors by pointer; ``sc`` first where given, the thread count
+    last) after checking that every tensor is a CPU float32 one the kernel can read as it assumes:
+    images channels-last with the geometry's batch, spatial size and ``C`` or ``C*sc`` channels, tables
+    contiguous (a wrong one would be read as garbage, not refused)."""
     n, d, hh, w, c = geometry[:5]
+    sc_ = 1 if sc is None else sc
     for i, a in enumerate(args):
         if not isinstance(a, Tensor):
             continue
         if a.dim() >= 4:
             ok = (a.dim() - 2 in _CHANNELS_LAST and a.is_contiguous(memory_format=_CHANNELS_LAST[a.dim() - 2])
-                  and a.shape[0] == n and a.shape[1] in (c, c * sc) and tuple(a.shape[2:]) == (d, hh, w)[-(a.dim() - 2):])
+                  and a.shape[0] == n and a.shape[1] in (c, c * sc_) and tuple(a.shape[2:]) == (d, hh, w)[-(a.dim() - 2):])
         else:
             ok = a.is_contiguous()
         if not (ok and a.dtype == torch.float32 and a.device.type == "cpu"):
             raise ValueError(f"{name}: operand {i} (shape {tuple(a.shape)}, {a.dtype}, strides {a.stride()}) is "
                              f"not a float32 CPU tensor laid out as the kernel reads it")
     ptrs = [a.data_ptr() if isinstance(a, Tensor) else a for a in args]
-    if getattr(_library(), name)(sc, geometry, *ptrs, torch.get_num_threads()) != 0:
+    head = () if sc is None else (sc,)
+    if getattr(_library(), name)(*head, geometry, *ptrs, torch.get_num_threads()) != 0:
         raise RuntimeError(f"{name}: no kernel for sc={sc}")
 
 
@@ -207,3 +212,29 @@ def filter_grad(y: Tensor, g: Tensor, wa: Tensor, h: Tensor) -> Tensor:
     table = torch.empty(wa[0].numel(), sc, c, dtype=torch.float32)  # (taps, sc, C), as _adjoint_table
     _call("ndc_filter_grad", sc, _geometry(y, h), y, g, table)
     return table.permute(2, 1, 0).reshape(wa.shape)
+
+
+def norm_supported(x: Tensor) -> bool:
+    """Whether :func:`instance_norm` takes ``x``: a 2D/3D channels-last float32 CPU image, kernels built."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and _is_channels_last(x) and available()
+
+
+def _norm_geometry(x: Tensor) -> ctypes.Array:
+    n, c, *spatial = x.shape
+    return (ctypes.c_int64 * 8)(n, *([1] * (3 - len(spatial))), *spatial, c, 1, 1, 1)
+
+
+def instance_norm(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, rstd)``: ``y = F.instance_norm(x, eps=eps)`` (channels-last, like ``x``) and the
+    per-sample, per-channel statistics ``(N, C)`` its backward reads."""
+    y = torch.empty_like(x)
+    mean, rstd = (torch.empty(x.shape[:2], dtype=torch.float32) for _ in range(2))
+    _call("instance_norm_forward", None, _norm_geometry(x), x, y, mean, rstd, eps)
+    return y, mean, rstd
+
+
+def instance_norm_backward(x: Tensor, g: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    """Gradient w.r.t. ``x`` of :func:`instance_norm` for the gradient ``g`` of its output (written over
+    ``g``, which must be channels-last like ``x``)."""
+    _call("instance_norm_backward", None, _norm_geometry(x), x, g, mean, rstd, g)
+    return g

@@ -4,18 +4,24 @@
 element-wise function or normalisation) keeping only ``h`` for backward, where ``fn(h)`` is recomputed
 (:class:`_Pointwise`): a block's normalised inputs and its MLP's hidden activation are never stored.
 
-On the CPU (float32/float64, no autocast) the convolution is one GEMM per sample on a ``(C, S)`` view
-of the tensor, forward and backward: PyTorch's own 1x1 convolution falls back to ``slow_conv3d`` there
-(single-threaded, batch below 16), whose backward is several times slower than the GEMMs. A GEMM
-reads either memory layout (NC(D)HW or channels-last) as it is and writes either, so the caller
-picks the output layout (``channels_last``) at no cost: the NDC layer computes channels-last (the
-layout of oneDNN's fast depth-wise kernels) while the residual stream stays NC(D)HW, and no tensor is
-ever converted between them. The gradient of ``h`` comes back in ``h``'s layout. Elsewhere (CUDA,
-autocast, shape-only tensors, tracers) the module's own convolution runs: the same values.
+On the CPU (float32/float64, no autocast) the convolution is a GEMM on a matrix view of the tensor,
+forward and backward: PyTorch's own 1x1 convolution falls back to ``slow_conv3d`` there
+(single-threaded, batch below 16), whose backward is several times slower than the GEMMs. A BLAS GEMM
+reads either memory layout (NC(D)HW or channels-last) as it is and writes either, so the caller picks
+the output layout (``channels_last``) at no cost; the gradient of ``h`` comes back in ``h``'s layout.
+In training Deconver computes channels-last (:func:`training_layout`): there, for float32, the product
+and the input's gradient run in oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, the
+kernel PyTorch's own compiler emits for CPU linear layers: about 100 GMAC/s on one AVX-512 core where
+MKL's SGEMM gives 20-45 on the same shapes, docs/nn.md), the weight's gradient in BLAS (a reduction
+over voxels, which oneDNN's inner product cannot read channels-last). ``DECONVER_ONEDNN_LINEAR=0``, or
+a PyTorch without oneDNN, leaves every product to BLAS. :func:`patch_conv` does the same for the
+stride-2 down- and up-sampling convolutions, as GEMMs on 2x..x2 patches. Elsewhere (CUDA, autocast,
+shape-only tensors, tracers) the modules' own convolutions run: the same values.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -23,11 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deconver.nn.ndc_ops import _CHANNELS_LAST, _is_channels_last, _is_fake
+from deconver.nn.norm import NativeInstanceNorm
 
-__all__ = ["pointwise", "pointwise_cat"]
+__all__ = ["patch_conv", "pointwise", "pointwise_cat", "training_layout"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _GEMM_DTYPES = (torch.float32, torch.float64)
+_CHUNK_BYTES = 2**20  # a chunk of GELU's output in _gelu_linear: about a core's L2 cache
 
 
 def _matrices(t: Tensor) -> Tensor:
@@ -37,6 +45,32 @@ def _matrices(t: Tensor) -> Tensor:
     if _is_channels_last(t):
         return t.permute(0, *range(2, t.dim()), 1).reshape(b, -1, c).transpose(1, 2)
     return t.contiguous().view(b, c, -1)
+
+
+def _onednn_linear():
+    """oneDNN's inner product on dense CPU tensors (``torch.ops.mkldnn._linear_pointwise``: ``X W^T + b``
+    for a row-major ``X``), or None where PyTorch was built without it or ``DECONVER_ONEDNN_LINEAR=0``."""
+    if os.environ.get("DECONVER_ONEDNN_LINEAR", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """A channels-last ``(B, C, *S)`` tensor as its ``(B * prod(S), C)`` row-major matrix (a view)."""
+    return t.permute(0, *range(2, t.dim()), 1).reshape(-1, t.shape[1])
+
+
+def _from_rows(m: Tensor, shape: Sequence[int]) -> Tensor:
+    """The ``(B * prod(S), O)`` matrix ``m`` as a channels-last ``(B, O, *S)`` tensor with the batch and
+    spatial size of ``shape`` ``(B, ., *S)``, on ``m``'s memory (not an autograd view of it: ``m`` is a
+    temporary)."""
+    b, _, *spatial = shape
+    return m.view(b, *spatial, m.shape[1]).permute(0, len(spatial) + 1, *range(1, len(spatial) + 1)).detach()
+
+
+def _onednn_ok(*ts: Tensor) -> bool:
+    """Whether oneDNN's inner product takes these operands: float32, channels-last, the op available."""
+    return all(t.dtype == torch.float32 and _is_channels_last(t) for t in ts) and _onednn_linear() is not None
 
 
 def _mm(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, accumulate: bool = False) -> None:
@@ -61,6 +95,8 @@ def _gemm_forward(a: Tensor | tuple[Tensor, ...], weight: Tensor, bias: Tensor |
     parts = a if isinstance(a, tuple) else (a,)
     b, _, *spatial = parts[0].shape
     o = weight.shape[0]
+    if len(parts) == 1 and channels_last and _onednn_ok(a):  # channels-last in and out: oneDNN
+        return _from_rows(_onednn_linear()(_rows(a), weight.reshape(o, -1), bias, "none", [], ""), a.shape)
     fmt = _CHANNELS_LAST[len(spatial)] if channels_last and len(spatial) in _CHANNELS_LAST else torch.contiguous_format
     out = torch.empty((b, o, *spatial), dtype=parts[0].dtype, device=parts[0].device, memory_format=fmt)
     om, w2 = _matrices(out), weight.reshape(o, -1)
@@ -87,13 +123,64 @@ def _gemm_backward(grad: Tensor, a: Tensor, weight: Tensor, need_a: bool, need_w
             g_w.addmm_(gm[i], am[i].t())
         g_w = g_w.view_as(weight)
     if need_b:
-        g_b = gm.sum(dim=(0, 2))
-    if need_a:
+        g_b = _bias_grad(grad)
+    if need_a and _onednn_ok(a, grad):
+        g_a = _from_rows(_onednn_linear()(_rows(grad), w2.t().contiguous(), None, "none", [], ""), a.shape)
+    elif need_a:
         g_a = a if reuse_a else torch.empty_like(a)
         gam = _matrices(g_a)
         for i in range(a.shape[0]):
             _mm(w2.t(), gm[i], gam[i])
     return g_a, g_w, g_b
+
+
+def _bias_grad(grad: Tensor) -> Tensor:
+    """The bias's gradient: ``grad`` summed over all but the channels (rows of a channels-last one)."""
+    return _rows(grad).sum(0) if _is_channels_last(grad) else _matrices(grad).sum(dim=(0, 2))
+
+
+def _chunks(rows: int, width: int):
+    """``(lo, hi)`` row ranges of a ``(rows, width)`` float32 matrix, each under ``_CHUNK_BYTES``."""
+    step = max(1, _CHUNK_BYTES // (4 * width))
+    return ((lo, min(lo + step, rows)) for lo in range(0, rows, step))
+
+
+def _gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
+    """``conv1x1(gelu(h))`` for a channels-last ``h`` in oneDNN, chunk by chunk of voxels: ``gelu(h)``
+    only ever exists one cache-sized chunk at a time (no source-sized allocation, nor its page faults)."""
+    o = weight.shape[0]
+    out = torch.empty((h.shape[0], o, *h.shape[2:]), dtype=h.dtype, memory_format=_CHANNELS_LAST[h.dim() - 2])
+    hr, outr, w2, linear = _rows(h), _rows(out), weight.reshape(o, -1), _onednn_linear()
+    buf = torch.empty(_CHUNK_BYTES // 4, dtype=h.dtype)
+    for lo, hi in _chunks(hr.shape[0], hr.shape[1]):
+        a = torch.ops.aten.gelu.out(hr[lo:hi], approximate=approximate, out=buf[:(hi - lo) * hr.shape[1]].view(hi - lo, -1))
+        outr[lo:hi].copy_(linear(a, w2, bias, "none", [], ""))
+    return out
+
+
+def _gelu_linear_backward(grad: Tensor, h: Tensor, weight: Tensor, approximate: str, need_h: bool, need_w: bool,
+                          need_b: bool):
+    """Gradients of :func:`_gelu_linear`: the weight's accumulated chunk by chunk over recomputed
+    ``gelu(h)`` chunks, ``h``'s as oneDNN's product written over by GELU's backward."""
+    o = weight.shape[0]
+    w2 = weight.reshape(o, -1)
+    grad = grad.contiguous(memory_format=_CHANNELS_LAST[h.dim() - 2])
+    gr, hr = _rows(grad), _rows(h)
+    g_h = g_w = g_b = None
+    if need_w:
+        g_w = torch.zeros_like(w2)
+        buf = torch.empty(_CHUNK_BYTES // 4, dtype=h.dtype)
+        for lo, hi in _chunks(hr.shape[0], hr.shape[1]):
+            a = torch.ops.aten.gelu.out(hr[lo:hi], approximate=approximate,
+                                        out=buf[:(hi - lo) * hr.shape[1]].view(hi - lo, -1))
+            g_w.addmm_(gr[lo:hi].t(), a)
+        g_w = g_w.view_as(weight)
+    if need_b:
+        g_b = gr.sum(0)
+    if need_h:
+        g_h = _from_rows(_onednn_linear()(gr, w2.t().contiguous(), None, "none", [], ""), h.shape)
+        torch.ops.aten.gelu_backward.grad_input(g_h, h, approximate=approximate, grad_input=g_h)
+    return g_h, g_w, g_b
 
 
 class _Pointwise(torch.autograd.Function):
@@ -107,6 +194,8 @@ class _Pointwise(torch.autograd.Function):
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, fn, dtype, gemm: bool, channels_last: bool):
         ctx.save_for_backward(h, weight)
         ctx.fn, ctx.dtype, ctx.has_bias, ctx.gemm = fn, dtype, bias is not None, gemm
+        if gemm and channels_last and isinstance(fn, nn.GELU) and _onednn_ok(h):
+            return _gelu_linear(h, weight, bias, fn.approximate)
         a = h if fn is None else fn(h)
         if gemm:
             return _gemm_forward(a, weight, bias, channels_last)
@@ -117,6 +206,16 @@ class _Pointwise(torch.autograd.Function):
         h, weight = ctx.saved_tensors
         d = h.dim() - 2
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.gemm and isinstance(ctx.fn, nn.GELU) and _onednn_ok(h):
+            g_h, g_w, g_b = _gelu_linear_backward(grad, h, weight, ctx.fn.approximate, need_h, need_w,
+                                                  need_b and ctx.has_bias)
+            return g_h, g_w, g_b, None, None, None, None
+        if ctx.gemm and isinstance(ctx.fn, NativeInstanceNorm):  # the norm's gradient written in place
+            a, mean, rstd = ctx.fn.with_stats(h)
+            g_a, g_w, g_b = _gemm_backward(grad, a, weight, need_h, need_w, need_b and ctx.has_bias, reuse_a=True)
+            if need_h:
+                g_a = ctx.fn.backward_(h, g_a, mean, rstd)
+            return g_a, g_w, g_b, None, None, None, None
         if ctx.gemm and isinstance(ctx.fn, nn.GELU):  # one buffer: GELU(h), then its gradient in place
             a = ctx.fn(h)
             g_a, g_w, g_b = _gemm_backward(grad, a, weight, need_h, need_w, need_b and ctx.has_bias, reuse_a=True)
@@ -145,10 +244,10 @@ class _PointwiseCat(torch.autograd.Function):
     parts are kept for backward (a decoder's skip is kept by the encoder anyway)."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, bias: Tensor | None, *xs: Tensor):
+    def forward(ctx, weight: Tensor, bias: Tensor | None, channels_last: bool, *xs: Tensor):
         ctx.save_for_backward(weight, *xs)
         ctx.has_bias = bias is not None
-        return _gemm_forward(xs, weight, bias, channels_last=False)
+        return _gemm_forward(xs, weight, bias, channels_last)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -157,20 +256,129 @@ class _PointwiseCat(torch.autograd.Function):
         grads, g_ws, lo = [], [], 0
         for k, x in enumerate(xs):
             wk = weight[:, lo:lo + x.shape[1]]
-            g_x, g_w, _ = _gemm_backward(grad, x, wk, ctx.needs_input_grad[2 + k], need_w, False)
+            g_x, g_w, _ = _gemm_backward(grad, x, wk, ctx.needs_input_grad[3 + k], need_w, False)
             grads.append(g_x)
             g_ws.append(g_w)
             lo += x.shape[1]
-        g_b = _matrices(grad).sum(dim=(0, 2)) if need_b and ctx.has_bias else None
-        return (torch.cat(g_ws, dim=1) if need_w else None), g_b, *grads
+        g_b = _bias_grad(grad) if need_b and ctx.has_bias else None
+        return (torch.cat(g_ws, dim=1) if need_w else None), g_b, None, *grads
 
 
-def pointwise_cat(xs: Sequence[Tensor], linear: nn.Module) -> Tensor:
+def pointwise_cat(xs: Sequence[Tensor], linear: nn.Module, channels_last: bool = False) -> Tensor:
     """``linear(torch.cat(xs, dim=1))``; on the CPU GEMM path in training without the concatenation
-    (NC(D)HW output), elsewhere as written."""
+    (output channels-last if ``channels_last`` else NC(D)HW), elsewhere as written."""
     if torch.is_grad_enabled() and all(_gemm_ok(x) for x in xs):
-        return _PointwiseCat.apply(linear.weight, linear.bias, *xs)
+        return _PointwiseCat.apply(linear.weight, linear.bias, channels_last, *xs)
     return linear(torch.cat(list(xs), dim=1))
+
+
+def _space_to_depth(x: Tensor) -> Tensor:
+    """A channels-last ``(B, C, *S)`` tensor as the ``(B * prod(S / 2), 2^d * C)`` matrix of its 2x..x2
+    patches (a copy; columns ordered (offset, channel), offsets row-major)."""
+    b, c, *spatial = x.shape
+    d = len(spatial)
+    last = x.permute(0, *range(2, d + 2), 1)  # (B, *S, C) view of x's memory
+    split = last.reshape(b, *[n for s in spatial for n in (s // 2, 2)], c)  # (B, S1/2, 2, S2/2, 2, ..., C)
+    return split.permute(0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2), 2 * d + 1).reshape(-1, 2 ** d * c)
+
+
+def _depth_to_space(m: Tensor, b: int, half: Sequence[int]) -> Tensor:
+    """The inverse of :func:`_space_to_depth`: the patch matrix ``m`` as a new channels-last tensor of
+    spatial size ``2 * half``."""
+    d = len(half)
+    c = m.shape[1] // 2 ** d
+    out = torch.empty((b, c, *[2 * n for n in half]), dtype=m.dtype, memory_format=_CHANNELS_LAST[d])
+    dst = out.permute(0, *range(2, d + 2), 1).view(b, *[n for s in half for n in (s, 2)], c)
+    order = [0] + [v for i in range(d) for v in (1 + i, 1 + d + i)] + [2 * d + 1]  # (B, S1/2, 2, ...) from patches
+    dst.copy_(m.view(b, *half, *[2] * d, c).permute(*order))
+    return out
+
+
+class _PatchConv(torch.autograd.Function):
+    """A 2x..x2, stride-2 convolution (``transposed``: its transpose) of a channels-last float32 tensor
+    as one oneDNN GEMM on the tensor's patches, output channels-last. ``weight`` as the module's:
+    ``(O, C, 2, .., 2)`` for the convolution, ``(C, O, 2, .., 2)`` transposed."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool):
+        ctx.save_for_backward(x, weight)
+        ctx.transposed, ctx.has_bias = transposed, bias is not None
+        w2 = _patch_weight(weight, transposed)
+        linear = _onednn_linear()
+        if not transposed:  # patches (B * S/2^d, 2^d C) -> (B * S/2^d, O)
+            return _from_rows(linear(_space_to_depth(x), w2, bias, "none", [], ""), (x.shape[0], 0, *[n // 2 for n in x.shape[2:]]))
+        b = None if bias is None else bias.repeat(2 ** (x.dim() - 2))  # (offset, channel) columns
+        return _depth_to_space(linear(_rows(x), w2, b, "none", [], ""), x.shape[0], x.shape[2:])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        w2 = _patch_weight(weight, ctx.transposed)
+        grad = grad.contiguous(memory_format=_CHANNELS_LAST[grad.dim() - 2])
+        linear = _onednn_linear()
+        g_x = g_w = g_b = None
+        if not ctx.transposed:
+            gr = _rows(grad)
+            if need_x:
+                g_x = _depth_to_space(linear(gr, w2.t().contiguous(), None, "none", [], ""), x.shape[0],
+                                      grad.shape[2:])
+            if need_w:
+                g_w = torch.mm(gr.t(), _space_to_depth(x))
+            if need_b:
+                g_b = gr.sum(0)
+        else:
+            gp = _space_to_depth(grad)
+            if need_x:
+                g_x = _from_rows(linear(gp, w2.t().contiguous(), None, "none", [], ""), x.shape)
+            if need_w:
+                g_w = torch.mm(gp.t(), _rows(x))
+            if need_b:
+                g_b = gp.view(gp.shape[0], -1, grad.shape[1]).sum(dim=(0, 1))
+        if g_w is not None:
+            g_w = _unpatch_weight(g_w, weight, ctx.transposed)
+        return g_x, g_w, g_b, None
+
+
+def _patch_weight(weight: Tensor, transposed: bool) -> Tensor:
+    """The module's weight as the GEMM's ``(N, K)`` matrix: ``(O, (offset, C))``, or ``((offset, O), C)``
+    transposed."""
+    d = weight.dim() - 2
+    offsets = range(2, d + 2)
+    if transposed:  # (C, O, *k) -> (*k, O, C)
+        return weight.permute(*offsets, 1, 0).reshape(-1, weight.shape[0])
+    return weight.permute(0, *offsets, 1).reshape(weight.shape[0], -1)  # (O, *k, C)
+
+
+def _unpatch_weight(g: Tensor, weight: Tensor, transposed: bool) -> Tensor:
+    """A gradient shaped like :func:`_patch_weight`'s matrix, back in the module weight's shape."""
+    d = weight.dim() - 2
+    if transposed:  # (*k, O, C) -> (C, O, *k)
+        return g.view(*weight.shape[2:], weight.shape[1], weight.shape[0]).permute(d + 1, d, *range(d)).contiguous()
+    return g.view(weight.shape[0], *weight.shape[2:], weight.shape[1]).permute(0, d + 1, *range(1, d + 1)).contiguous()
+
+
+def patch_conv(x: Tensor, conv: nn.Module) -> Tensor:
+    """``conv(x)`` for a ``Conv{d}d``/``ConvTranspose{d}d`` of kernel 2 and stride 2: in training on the
+    CPU, for a channels-last float32 ``x`` with oneDNN's inner product available, as one GEMM on
+    patches, channels-last in and out (:class:`_PatchConv`; the convolutions' own backward is several
+    times slower channels-last); otherwise the module on ``x`` in NC(D)HW."""
+    transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+    if (torch.is_grad_enabled() and _gemm_ok(x) and _onednn_ok(x) and tuple(conv.kernel_size) == tuple(conv.stride)
+            == (2,) * (x.dim() - 2) and not any(conv.padding) and conv.groups == 1
+            and (transposed or all(s % 2 == 0 for s in x.shape[2:]))):
+        return _PatchConv.apply(x, conv.weight, conv.bias, transposed)
+    return conv(x.contiguous())
+
+
+def training_layout(x: Tensor) -> Tensor:
+    """``x`` in the layout Deconver trains in: channels-last on the CPU GEMM path (2D/3D), where the
+    1x1 convolutions run in oneDNN, the norms on the native kernels (:mod:`deconver.nn.norm`), the NDC
+    in its own layout and the stride-2 convolutions as GEMMs on patches (:func:`patch_conv`), with no
+    layout copy between them; ``x`` as it is elsewhere (and without gradients: inference keeps NC(D)HW)."""
+    if x.dim() - 2 in _CHANNELS_LAST and torch.is_grad_enabled() and _gemm_ok(x):
+        return x.contiguous(memory_format=_CHANNELS_LAST[x.dim() - 2])
+    return x
 
 
 def _gemm_ok(h: Tensor) -> bool:

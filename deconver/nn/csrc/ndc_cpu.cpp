@@ -21,6 +21,7 @@
 // (1, 2, 4 and 8 are built; the caller keeps its fallback). Work is split over `threads` threads by
 // rows (n, d, h).
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -154,14 +155,20 @@ template <class Body> void for_rows(const Geo& g, int64_t r0, int64_t r1, Body b
     }
 }
 
-// body(r0, r1, thread) on `threads` contiguous row ranges (the calling thread takes the first).
-template <class Body> void parallel_rows(const Geo& g, int threads, Body body) {
-    int64_t rows = g.rows();
-    int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
+// body(i0, i1, thread) on min(threads, count) contiguous ranges of [0, count) (the calling thread takes
+// the first); returns the number of ranges.
+template <class Body> int parallel_range(int64_t count, int threads, Body body) {
+    int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, count)));
     std::vector<std::thread> pool;
-    for (int i = 1; i < nt; ++i) pool.emplace_back(body, rows * i / nt, rows * (i + 1) / nt, i);
-    body(0, rows / nt, 0);
+    for (int i = 1; i < nt; ++i) pool.emplace_back(body, count * i / nt, count * (i + 1) / nt, i);
+    body(0, count / nt, 0);
     for (auto& t : pool) t.join();
+    return nt;
+}
+
+// body(r0, r1, thread) on `threads` contiguous row ranges.
+template <class Body> void parallel_rows(const Geo& g, int threads, Body body) {
+    parallel_range(g.rows(), threads, body);
 }
 
 // Calls f.template operator()<B>(c) over c = 0, VL*B, 2*VL*B, ... while a whole block of B vectors
@@ -364,6 +371,81 @@ template <class F> int dispatch(int sc, F f) {
     }
 }
 
+// Instance normalisation without affine parameters, channels-last: every (sample, channel) over its
+// S = D * H * W voxels, y = (x - mean) * rstd with rstd = 1 / sqrt(var + eps), var the biased variance
+// (torch.nn.functional.instance_norm). Sums are taken in double: the mean in one pass, the variance
+// around it in a second (no cancellation), the output in a third. The backward, with x^ = (x - mean)
+// * rstd and the means over voxels of g and g * x^: dx = rstd * (g - mean(g) - x^ * mean(g * x^)).
+// Voxels are split over the threads; every thread sums into its own row of doubles.
+
+// acc[c] = sum over the voxels of one sample of f(v, c), for c < C (acc: C doubles).
+template <class F> void channel_sums(int64_t S, int64_t C, int threads, double* acc, F f) {
+    std::vector<double> part(static_cast<size_t>(std::max(threads, 1)) * C, 0.0);
+    int nt = parallel_range(S, threads, [&](int64_t v0, int64_t v1, int t) {
+        double* a = part.data() + t * C;
+        for (int64_t v = v0; v < v1; ++v)
+            for (int64_t c = 0; c < C; ++c) a[c] += f(v, c);
+    });
+    for (int64_t c = 0; c < C; ++c) {
+        double sum = 0;
+        for (int t = 0; t < nt; ++t) sum += part[t * C + c];
+        acc[c] = sum;
+    }
+}
+
+void norm_forward(const Geo& g, const float* x, float* y, float* mean, float* rstd, float eps, int threads) {
+    const int64_t S = g.d * g.h * g.w, C = g.c;
+    std::vector<double> acc(C);
+    for (int64_t n = 0; n < g.n; ++n) {
+        const float* xn = x + n * S * C;
+        float* mu = mean + n * C;
+        float* r = rstd + n * C;
+        channel_sums(S, C, threads, acc.data(), [&](int64_t v, int64_t c) { return double(xn[v * C + c]); });
+        std::vector<double> m(C);
+        for (int64_t c = 0; c < C; ++c) m[c] = acc[c] / S;
+        channel_sums(S, C, threads, acc.data(), [&](int64_t v, int64_t c) {
+            double d = xn[v * C + c] - m[c];
+            return d * d;
+        });
+        for (int64_t c = 0; c < C; ++c) {
+            mu[c] = static_cast<float>(m[c]);
+            r[c] = static_cast<float>(1.0 / std::sqrt(acc[c] / S + eps));
+        }
+        float* yn = y + n * S * C;
+        parallel_range(S, threads, [&](int64_t v0, int64_t v1, int) {
+            for (int64_t v = v0; v < v1; ++v)
+                for (int64_t c = 0; c < C; ++c) yn[v * C + c] = (xn[v * C + c] - mu[c]) * r[c];
+        });
+    }
+}
+
+void norm_backward(const Geo& g, const float* x, const float* grad, const float* mean, const float* rstd, float* dx,
+                   int threads) {
+    const int64_t S = g.d * g.h * g.w, C = g.c;
+    std::vector<double> sum_g(C), sum_gx(C);
+    std::vector<float> a(C), b(C);
+    for (int64_t n = 0; n < g.n; ++n) {
+        const float* xn = x + n * S * C;
+        const float* gn = grad + n * S * C;
+        const float* mu = mean + n * C;
+        const float* r = rstd + n * C;
+        channel_sums(S, C, threads, sum_g.data(), [&](int64_t v, int64_t c) { return double(gn[v * C + c]); });
+        channel_sums(S, C, threads, sum_gx.data(), [&](int64_t v, int64_t c) {
+            return double(gn[v * C + c]) * (xn[v * C + c] - mu[c]);
+        });
+        for (int64_t c = 0; c < C; ++c) {
+            a[c] = static_cast<float>(sum_g[c] / S);                       // mean(g)
+            b[c] = static_cast<float>(sum_gx[c] / S * r[c] * r[c]);        // mean(g * x^) * rstd
+        }
+        float* dn = dx + n * S * C;
+        parallel_range(S, threads, [&](int64_t v0, int64_t v1, int) {
+            for (int64_t v = v0; v < v1; ++v)
+                for (int64_t c = 0; c < C; ++c)
+                    dn[v * C + c] = r[c] * (gn[v * C + c] - a[c] - (xn[v * C + c] - mu[c]) * b[c]);
+        });
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -402,6 +484,19 @@ int ndc_grad_z(int sc, const int64_t* geo, const float* gt1, const float* wj, fl
 int ndc_filter_grad(int sc, const int64_t* geo, const float* y, const float* grad, float* gw, int threads) {
     Geo g = geo_of(geo);
     return dispatch(sc, [&]<int SC>() { filter_grad<SC>(g, y, grad, gw, threads); });
+}
+
+// geo: (N, D, H, W, C, 1, 1, 1); x, y, grad, dx: channels-last (N, S, C); mean, rstd: (N, C). dx may be grad.
+int instance_norm_forward(const int64_t* geo, const float* x, float* y, float* mean, float* rstd, float eps,
+                          int threads) {
+    norm_forward(geo_of(geo), x, y, mean, rstd, eps, threads);
+    return 0;
+}
+
+int instance_norm_backward(const int64_t* geo, const float* x, const float* grad, const float* mean,
+                           const float* rstd, float* dx, int threads) {
+    norm_backward(geo_of(geo), x, grad, mean, rstd, dx, threads);
+    return 0;
 }
 
 }  // extern "C"
