@@ -1,5 +1,6 @@
-"""The native CPU kernels of the NDC update (deconver.nn.ndc_cpu) against float64 convolutions, the
-layer on them against the reference formulation, and their build: cache, fallback, switch."""
+"""The native CPU kernels (deconver.nn.ndc_cpu): the NDC update's against float64 convolutions, the
+layer on them against the reference formulation, the 1x1 convolutions' weight-gradient kernel against a
+float64 product, and their build: cache, fallback, switch (the instance-norm kernels: test_norm.py)."""
 
 from __future__ import annotations
 
@@ -230,3 +231,33 @@ def test_operands_the_kernels_would_misread_are_refused(kernels):
         kernels.k_op(cl(s).double(), h32)
     with pytest.raises(ValueError, match="ndc_update: operand 1"):
         kernels.update(cl(x), cl(x[:, :, :3]), cl(s), adjoint_weight(h32, 8).contiguous(), h32, 1e-3, cl(s))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("v,o,c", [(1, 8, 16), (1500, 16, 80), (3000, 24, 48), (700, 64, 256), (5000, 256, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_weight_gradient_kernel_matches_float64(kernels, v, o, c, bias, threads):
+    """``weight_grad(g, x)`` is ``g^T x`` (and ``g``'s column sums) in float64 to float32 rounding, over
+    several voxel blocks, vector widths (one and three vectors of 16 inputs a tile) and output rows."""
+    torch.manual_seed(v + o + c)
+    torch.set_num_threads(threads)
+    g, x = torch.randn(v, o), torch.randn(v, c) + 3.0
+    gw, gb = ndc_cpu.weight_grad(g, x, bias)
+    ref = g.double().t() @ x.double()
+    assert gw.shape == (o, c) and (gw.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+    if bias:
+        assert torch.allclose(gb.double(), g.double().sum(0), rtol=1e-5, atol=1e-4)
+    else:
+        assert gb is None
+
+
+def test_weight_gradient_kernel_takes_only_what_it_reads(kernels):
+    """Outputs not a multiple of 8, inputs not a multiple of 16, float64 or transposed operands are
+    refused (the caller then uses BLAS)."""
+    g, x = torch.randn(40, 16), torch.randn(40, 32)
+    assert ndc_cpu.weight_grad_supported(g, x)
+    for a, b in [(torch.randn(40, 12), x), (g, torch.randn(40, 24)), (g.double(), x.double()),
+                 (torch.randn(16, 40).t(), x)]:
+        assert not ndc_cpu.weight_grad_supported(a, b)
+        with pytest.raises(ValueError, match="weight_grad"):
+            ndc_cpu.weight_grad(a, b, True)

@@ -1,4 +1,5 @@
-"""Native CPU kernels of the depth-wise NDC update (``csrc/ndc_cpu.cpp``).
+"""Native CPU kernels of Deconver's training step (``csrc/ndc_cpu.cpp``): the depth-wise NDC update, the
+channels-last instance norm and the 1x1 convolutions' weight gradient.
 
 The CPU counterpart of :mod:`deconver.nn.ndc_triton`. On channels-last float32 CPU tensors, for a
 depth-wise layer (``G = C``) with ``sc`` in 1, 2, 4 or 8 and ``C`` a multiple of 8 (:func:`supported`),
@@ -7,7 +8,12 @@ oneDNN grouped convolutions: ``K(s)`` sums its ``sc`` source channels in
 registers, both adjoints of the update are computed in one pass with the update's element-wise
 arithmetic (``A(x)`` and ``A(K(s))`` never exist as tensors), and the backward's ratios, ``dL/dz`` and
 the three filter gradients are single passes too. Same mathematics as the convolution path, up to
-summation order (tests/test_ndc_cpu.py checks every kernel against float64).
+summation order (tests/test_ndc_cpu.py checks every kernel against float64). Two more kernel families
+serve the blocks, which train channels-last on the CPU (:func:`deconver.nn.pointwise.training_layout`):
+:func:`instance_norm` and its backward (used by :mod:`deconver.nn.norm`), and :func:`weight_grad`, the
+reduction over voxels that gives a 1x1 convolution's weight and bias gradients (register tiles of
+8 x 48 products over L2-sized blocks of voxels: about twice MKL's SGEMM on one AMD EPYC core, where
+MKL takes its AVX2 code path; docs/nn.md).
 
 The source is compiled on first use with the system's C++ compiler (``$CXX``, default ``g++``;
 ``-O3 -march=native``, C++20) into ``$DECONVER_KERNEL_CACHE`` (default ``~/.cache/deconver``), under a
@@ -17,7 +23,8 @@ and is then reused by every process (the file is written atomically). Nothing is
 extension's), are called through ``ctypes`` on tensors' data pointers, and a ``-march=native`` build must
 be keyed by the CPU it was built for (a cluster's shared home serves nodes of several kinds). Without a
 compiler, or where the build fails, a warning names the reason once and the convolution path runs.
-``DECONVER_NDC_FUSED=0`` turns these kernels off, as it does the Triton ones.
+``DECONVER_NDC_FUSED=0`` turns all these kernels off (the Triton ones too): the NDC then runs on
+convolutions, the norm on PyTorch's operations, the weight gradients in BLAS.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from torch import Tensor
 from deconver.nn.ndc_ops import _CHANNELS_LAST, _is_channels_last
 
 __all__ = ["available", "cache_dir", "filter_grad", "grad_z", "instance_norm", "instance_norm_backward", "k_op",
-           "norm_supported", "ratios", "supported", "update"]
+           "norm_supported", "ratios", "supported", "update", "weight_grad", "weight_grad_supported"]
 
 SOURCE = Path(__file__).with_name("csrc") / "ndc_cpu.cpp"
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-pthread")
@@ -52,6 +59,8 @@ _SIGNATURES = {
     "ndc_filter_grad": (ctypes.c_int, _i64p, _f32p, _f32p, _f32p, ctypes.c_int),
     "instance_norm_forward": (_i64p, _f32p, _f32p, _f32p, _f32p, ctypes.c_float, ctypes.c_int),
     "instance_norm_backward": (_i64p, _f32p, _f32p, _f32p, _f32p, _f32p, ctypes.c_int),
+    "weight_grad_supports": (ctypes.c_int64, ctypes.c_int64),
+    "weight_grad": (ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _f32p, _f32p, _f32p, _f32p, ctypes.c_int),
 }
 
 
@@ -238,3 +247,25 @@ def instance_norm_backward(x: Tensor, g: Tensor, mean: Tensor, rstd: Tensor) -> 
     ``g``, which must be channels-last like ``x``)."""
     _call("instance_norm_backward", None, _norm_geometry(x), x, g, mean, rstd, g)
     return g
+
+
+def weight_grad_supported(g: Tensor, x: Tensor) -> bool:
+    """Whether :func:`weight_grad` takes the row-major float32 CPU matrices ``g`` ``(V, O)`` and ``x``
+    ``(V, C)`` (``weight_grad_supports``: ``O`` a multiple of 8, ``C`` of 16; kernels built)."""
+    return (g.device.type == x.device.type == "cpu" and g.dtype == x.dtype == torch.float32 and g.dim() == x.dim() == 2
+            and g.shape[0] == x.shape[0] and g.is_contiguous() and x.is_contiguous() and available()
+            and _library().weight_grad_supports(g.shape[1], x.shape[1]) == 1)
+
+
+def weight_grad(g: Tensor, x: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
+    """``(g^T x, g summed over rows)`` (the second only with ``bias``) of row-major float32 matrices
+    ``g`` ``(V, O)`` and ``x`` ``(V, C)``: a 1x1 convolution's weight and bias gradients on channels-last
+    tensors (:func:`weight_grad_supported` must hold)."""
+    if not weight_grad_supported(g, x):
+        raise ValueError(f"weight_grad: operands {tuple(g.shape)}, {tuple(x.shape)} ({g.dtype}, {x.dtype}) are not "
+                         "row-major float32 CPU matrices with O % 8 == 0 and C % 16 == 0")
+    gw = torch.empty(g.shape[1], x.shape[1], dtype=torch.float32)
+    gb = torch.empty(g.shape[1], dtype=torch.float32) if bias else None
+    _library().weight_grad(g.shape[0], g.shape[1], x.shape[1], g.data_ptr(), x.data_ptr(), gw.data_ptr(),
+                           None if gb is None else gb.data_ptr(), torch.get_num_threads())
+    return gw, gb

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deconver.nn.ndc_ops import _CHANNELS_LAST, _is_channels_last, _is_fake
+from deconver.nn import ndc_cpu
 from deconver.nn.norm import NativeInstanceNorm
 
 __all__ = ["patch_conv", "pointwise", "pointwise_cat", "training_layout"]
@@ -117,12 +118,15 @@ def _gemm_backward(grad: Tensor, a: Tensor, weight: Tensor, need_a: bool, need_w
     o, c = weight.shape[:2]
     w2 = weight.reshape(o, c)
     g_a = g_w = g_b = None
-    if need_w:
+    if need_w and _is_channels_last(a) and _is_channels_last(grad):  # rows: the native kernel or BLAS
+        g_w, g_b = _weight_grad(_rows(grad), _rows(a), need_b)
+        g_w = g_w.view_as(weight)
+    elif need_w:
         g_w = torch.mm(gm[0], am[0].t())
         for i in range(1, a.shape[0]):
             g_w.addmm_(gm[i], am[i].t())
         g_w = g_w.view_as(weight)
-    if need_b:
+    if need_b and g_b is None:
         g_b = _bias_grad(grad)
     if need_a and _onednn_ok(a, grad):
         g_a = _from_rows(_onednn_linear()(_rows(grad), w2.t().contiguous(), None, "none", [], ""), a.shape)
@@ -173,7 +177,10 @@ def _gelu_linear_backward(grad: Tensor, h: Tensor, weight: Tensor, approximate: 
         for lo, hi in _chunks(hr.shape[0], hr.shape[1]):
             a = torch.ops.aten.gelu.out(hr[lo:hi], approximate=approximate,
                                         out=buf[:(hi - lo) * hr.shape[1]].view(hi - lo, -1))
-            g_w.addmm_(gr[lo:hi].t(), a)
+            if ndc_cpu.weight_grad_supported(gr[lo:hi], a):
+                g_w += ndc_cpu.weight_grad(gr[lo:hi], a, False)[0]
+            else:
+                g_w.addmm_(gr[lo:hi].t(), a)
         g_w = g_w.view_as(weight)
     if need_b:
         g_b = gr.sum(0)
@@ -323,21 +330,27 @@ class _PatchConv(torch.autograd.Function):
             if need_x:
                 g_x = _depth_to_space(linear(gr, w2.t().contiguous(), None, "none", [], ""), x.shape[0],
                                       grad.shape[2:])
-            if need_w:
-                g_w = torch.mm(gr.t(), _space_to_depth(x))
-            if need_b:
-                g_b = gr.sum(0)
+            if need_w or need_b:
+                g_w, g_b = _weight_grad(gr, _space_to_depth(x), need_b)
         else:
             gp = _space_to_depth(grad)
             if need_x:
                 g_x = _from_rows(linear(gp, w2.t().contiguous(), None, "none", [], ""), x.shape)
             if need_w:
-                g_w = torch.mm(gp.t(), _rows(x))
+                g_w = _weight_grad(gp, _rows(x), False)[0]
             if need_b:
                 g_b = gp.view(gp.shape[0], -1, grad.shape[1]).sum(dim=(0, 1))
         if g_w is not None:
             g_w = _unpatch_weight(g_w, weight, ctx.transposed)
         return g_x, g_w, g_b, None
+
+
+def _weight_grad(g: Tensor, x: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
+    """``(g^T x, g's column sums if bias)`` for row-major ``g`` ``(V, O)`` and ``x`` ``(V, C)``: the native
+    kernel where it takes them (:func:`ndc_cpu.weight_grad`), else BLAS."""
+    if ndc_cpu.weight_grad_supported(g, x):
+        return ndc_cpu.weight_grad(g, x, bias)
+    return torch.mm(g.t(), x), (g.sum(0) if bias else None)
 
 
 def _patch_weight(weight: Tensor, transposed: bool) -> Tensor:

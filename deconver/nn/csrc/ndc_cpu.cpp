@@ -1,4 +1,5 @@
-// Native CPU kernels of the depth-wise NDC update on channels-last float32 tensors.
+// Native CPU kernels of Deconver's training step on channels-last float32 tensors: the depth-wise NDC
+// update (below), the instance norm and the 1x1 convolutions' weight gradient (at the end).
 //
 // Notation (deconver/nn/ndc.py): C input channels, SC source channels per channel (G = C groups,
 // m = 1), CS = C * SC source channels (source channel c * SC + j), filter taps T = kd * kh * kw.
@@ -446,6 +447,64 @@ void norm_backward(const Geo& g, const float* x, const float* grad, const float*
     }
 }
 
+// The weight gradient of a 1x1 convolution on channels-last tensors: gw[o][c] = sum_v g[v][o] * x[v][c]
+// and gb[o] = sum_v g[v][o] (g: V x O, x: V x C, both row-major), a GEMM whose reduction runs over the
+// voxels. Tiles of MR = 8 outputs by NV wide vectors of inputs stay in registers over a block of
+// voxels that fits the L2 cache; every thread takes its own output rows (no shared accumulators).
+constexpr int WL = 16;  // lanes of the wide vectors (one AVX-512 register; two AVX2 registers elsewhere)
+typedef float wvec __attribute__((vector_size(WL * sizeof(float))));
+inline wvec wload(const float* p) { wvec v; std::memcpy(&v, p, sizeof v); return v; }
+inline void wstore(float* p, wvec v) { std::memcpy(p, &v, sizeof v); }
+constexpr int MR = 8;
+
+// One tile: gw[o..o+MR][c..c+NV*WL] += the block's sums (started from zero: a block's partial sum is
+// added to the total, which keeps the rounding of long reductions small); with B, also gb[o..o+MR].
+template <int NV, bool B>
+inline void wgrad_tile(const float* g, const float* x, int64_t v0, int64_t v1, int64_t O, int64_t C, int64_t o,
+                       int64_t c, float* gw, double* gb) {
+    wvec acc[MR][NV] = {};
+    vec bias = {};
+    for (int64_t v = v0; v < v1; ++v) {
+        wvec xv[NV];
+        for (int j = 0; j < NV; ++j) xv[j] = wload(x + v * C + c + WL * j);
+        const float* gv = g + v * O + o;
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NV; ++j) acc[i][j] += gv[i] * xv[j];
+        if constexpr (B) bias += load(gv);
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NV; ++j) {
+            float* dst = gw + (o + i) * C + c + WL * j;
+            wstore(dst, wload(dst) + acc[i][j]);
+        }
+    if constexpr (B)
+        for (int i = 0; i < MR; ++i) gb[o + i] += bias[i];
+}
+
+void wgrad(int64_t V, int64_t O, int64_t C, const float* g, const float* x, float* gw, float* gb, int threads) {
+    static_assert(MR == VL, "the bias sums load MR outputs as one vector");
+    std::memset(gw, 0, sizeof(float) * O * C);
+    std::vector<double> bias(O, 0.0);
+    const int64_t block = std::clamp<int64_t>((1 << 18) / ((O + C) * int64_t(sizeof(float))), 16, 1024);
+    parallel_range(O / MR, threads, [&](int64_t t0, int64_t t1, int) {
+        for (int64_t v0 = 0; v0 < V; v0 += block) {
+            int64_t v1 = std::min(V, v0 + block);
+            for (int64_t t = t0; t < t1; ++t) {
+                int64_t o = t * MR, c = 0;
+                bool b = gb != nullptr;  // the bias rides along with the first tile of the row
+                for (; c + 3 * WL <= C; c += 3 * WL, b = false)
+                    b ? wgrad_tile<3, true>(g, x, v0, v1, O, C, o, c, gw, bias.data())
+                      : wgrad_tile<3, false>(g, x, v0, v1, O, C, o, c, gw, nullptr);
+                for (; c < C; c += WL, b = false)
+                    b ? wgrad_tile<1, true>(g, x, v0, v1, O, C, o, c, gw, bias.data())
+                      : wgrad_tile<1, false>(g, x, v0, v1, O, C, o, c, gw, nullptr);
+            }
+        }
+    });
+    if (gb)
+        for (int64_t o = 0; o < O; ++o) gb[o] = static_cast<float>(bias[o]);
+}
+
 }  // namespace
 
 extern "C" {
@@ -496,6 +555,16 @@ int instance_norm_forward(const int64_t* geo, const float* x, float* y, float* m
 int instance_norm_backward(const int64_t* geo, const float* x, const float* grad, const float* mean,
                            const float* rstd, float* dx, int threads) {
     norm_backward(geo_of(geo), x, grad, mean, rstd, dx, threads);
+    return 0;
+}
+
+// 1 if weight_grad takes O outputs and C inputs (O a multiple of 8, C of 16), else 0.
+int weight_grad_supports(int64_t o, int64_t c) { return o > 0 && c > 0 && o % MR == 0 && c % WL == 0; }
+
+// g: (V, O), x: (V, C), gw: (O, C), gb: (O) or null; with weight_grad_supports(O, C).
+int weight_grad(int64_t v, int64_t o, int64_t c, const float* g, const float* x, float* gw, float* gb, int threads) {
+    if (!weight_grad_supports(o, c)) return -1;
+    wgrad(v, o, c, g, x, gw, gb, threads);
     return 0;
 }
 
