@@ -211,3 +211,18 @@ def test_block_keeps_no_normalised_input_nor_hidden_activation(dims):
     assert torch.allclose(y0, y1, rtol=1e-5, atol=1e-6)  # (the block's 1x1 convolutions are GEMMs on the CPU)
     assert all((a - b).abs().max() < 1e-5 * b.abs().max() for a, b in zip(g0, g1))  # float32 rounding
     assert n0 - n1 >= (2 + 4) * 2 * 8 * 6 ** dims
+
+
+def test_residual_stream_keeps_its_dtype_under_autocast():
+    """Under bf16 autocast the block's residual sums stay float32, as ``x + branch`` gives (a branch's
+    output is bf16 there, so it is not summed in place), in training and without gradients alike; and
+    the backward of a float32 input runs (the recomputed norm's gradient through autocast's cast)."""
+    torch.manual_seed(2)
+    block = DeconverBlock(8, spatial_dims=3)
+    x = torch.rand(1, 8, 4, 4, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(x)
+    y.sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        y_eval = block(x)
+    assert y.dtype == y_eval.dtype == x.grad.dtype == torch.float32

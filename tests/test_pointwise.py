@@ -229,3 +229,27 @@ def test_concatenation_is_read_in_parts(bias):
     assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
     for x, y in zip(torch.autograd.grad(out, [a, b, *conv.parameters()], gy), ref_grads):
         assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_product_benchmark_times_both_paths(tmp_path):
+    """benchmarks/pointwise.py times each part of the block's three products on both paths at a tiny
+    geometry and writes its JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from deconver.nn import ndc_cpu
+
+    if not (pw._onednn_linear() and ndc_cpu.available()):
+        pytest.skip("oneDNN's inner product or the native kernels are not available here")
+    out = tmp_path / "pointwise.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "pointwise.py"
+    proc = subprocess.run([sys.executable, script, "--channels", "16", "--size", "6", "--repeats", "1", "--out", out],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert [(r["product"], r["part"]) for r in report["results"]] == [
+        (p, part) for p in ("16->16", "16->64", "64->16") for part in ("forward", "input gradient", "weight gradient")]
+    assert all(r["blas_nc_s"] > 0 and r["channels_last_s"] > 0 for r in report["results"])
+    assert "provenance" in report and report["geometry"]["ratio"] == 4

@@ -26,6 +26,14 @@ _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _INSTANCE_NORM = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 
+def _residual(x: Tensor, branch: Tensor) -> Tensor:
+    """``x + branch``, written over ``branch`` (a block branch's fresh output, which no backward keeps)
+    where that gives the same tensor: same dtype (under autocast the branch may be narrower) and shape."""
+    if branch.dtype == x.dtype and branch.shape == x.shape:
+        return branch.add_(x)
+    return x + branch
+
+
 def _linear(spatial_dims: int, cin: int, cout: int, bias: bool = True) -> nn.Module:
     """A "Linear" layer on channels-first tensors: a 1x1 convolution."""
     return _CONV[spatial_dims](cin, cout, kernel_size=1, bias=bias)
@@ -141,13 +149,12 @@ class DeconverBlock(nn.Module):
         # the block computes channels-last (its GEMMs in oneDNN, the NDC's layout), the layout it returns
         x = training_layout(x)
         cl = _is_channels_last(x)
-        # (each residual sum written over the branch's output, a fresh tensor its backward does not keep)
-        x = self.mixer(x, norm_fn(self.norm1, x)).add_(x)
+        x = _residual(x, self.mixer(x, norm_fn(self.norm1, x)))
         fc1, act, inner_dropout, fc2, dropout = self.mlp
         hidden = pointwise(x, fc1, fn=norm_fn(self.norm2, x), channels_last=cl)
         if self.training and inner_dropout.p > 0:  # dropout between GELU and fc2: the plain modules
-            return dropout(fc2(inner_dropout(act(hidden)))).add_(x)
-        return dropout(pointwise(hidden, fc2, fn=act, channels_last=cl)).add_(x)
+            return _residual(x, dropout(fc2(inner_dropout(act(hidden)))))
+        return _residual(x, dropout(pointwise(hidden, fc2, fn=act, channels_last=cl)))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.checkpointing and torch.is_grad_enabled():

@@ -236,11 +236,12 @@ class _Pointwise(torch.autograd.Function):
                 a = ctx.fn(h_)
         if ctx.gemm:
             g_a, g_w, g_b = _gemm_backward(grad, a.detach(), weight, need_h, need_w, need_b and ctx.has_bias)
-        else:
-            a = a if ctx.dtype is None else a.to(ctx.dtype)
+        else:  # the convolution ran on fn(h) cast to autocast's dtype: its gradient is cast back (the cast's own)
+            cast = a.detach() if ctx.dtype is None else a.detach().to(ctx.dtype)
             g_a, g_w, g_b = torch.ops.aten.convolution_backward(
-                grad, a.detach(), weight, [weight.shape[0]] if ctx.has_bias else None, [1] * d, [0] * d, [1] * d,
+                grad, cast, weight, [weight.shape[0]] if ctx.has_bias else None, [1] * d, [0] * d, [1] * d,
                 False, [0] * d, 1, [need_h, need_w, need_b and ctx.has_bias])
+            g_a = g_a if g_a is None else g_a.to(a.dtype)
         if ctx.fn is not None and need_h:
             g_a = torch.autograd.grad(a, h_, g_a)[0]
         return g_a, g_w, g_b, None, None, None, None
