@@ -21,17 +21,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,12 +36,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from deconver.complexity.runtime import _timed
     from deconver.io import provenance, write_json_atomic
     from deconver.nn import ndc_cpu
     from deconver.nn.ndc_ops import _adjoint_filter_grad, _k_op, adjoint_weight
     from deconver.nn.ndc_update import _slab_grad_z, _slab_ratios, _slab_update
 
     torch.set_num_threads(args.threads)
+
+    def median_seconds(fn) -> float:  # one warm-up call, then the median of --repeats
+        return statistics.median(_timed(fn, torch.device("cpu"), args.repeats, 1)) / 1e3
     c, sc, k, n = args.channels, args.sc, args.kernel, args.size
     h = torch.rand(c, sc, k, k, k)
 
@@ -81,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"C={c} sc={sc} k={k} {n}^3, {args.threads} thread(s), median of {args.repeats}")
     print(f"{'step':18s} {'convolutions s':>15s} {'native s':>9s} {'speed-up':>9s} {'native GMAC/s':>14s}")
     for name, stencils, conv, native in steps:
-        t_conv = _median_seconds(conv, args.repeats)
-        t_native = _median_seconds(native, args.repeats)
+        t_conv = median_seconds(conv)
+        t_native = median_seconds(native)
         row = {"step": name, "convolutions_s": t_conv, "native_s": t_native, "speedup": t_conv / t_native,
                "gmac": stencils * stencil, "native_gmac_per_s": stencils * stencil / t_native}
         rows.append(row)

@@ -24,17 +24,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,11 +38,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from deconver.complexity.runtime import _timed
     from deconver.io import provenance, write_json_atomic
     from deconver.nn import ndc_cpu
     from deconver.nn import pointwise as pw
 
     torch.set_num_threads(args.threads)
+
+    def median_seconds(fn) -> float:  # one warm-up call, then the median of --repeats
+        return statistics.median(_timed(fn, torch.device("cpu"), args.repeats, 1)) / 1e3
     c, n, r = args.channels, args.size, args.ratio
     probe = torch.empty(1, c, 2, 2, 2, memory_format=torch.channels_last_3d)
     if not pw._onednn_ok(probe) or not ndc_cpu.weight_grad_supported(torch.empty(8, r * c), torch.empty(8, c)):
@@ -79,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
              lambda: pw._gemm_backward(g_cl, a_cl, w, False, True, True)),
         ]
         for part, blas, fast in parts:
-            t_blas, t_fast = _median_seconds(blas, args.repeats), _median_seconds(fast, args.repeats)
+            t_blas, t_fast = median_seconds(blas), median_seconds(fast)
             row = {"product": f"{cin}->{cout}", "part": part, "blas_nc_s": t_blas, "channels_last_s": t_fast,
                    "speedup": t_blas / t_fast, "gmac": gmac, "channels_last_gmac_per_s": gmac / t_fast,
                    "blas_nc_gmac_per_s": gmac / t_blas}
