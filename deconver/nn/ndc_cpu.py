@@ -1,5 +1,7 @@
-"""Native CPU kernels of Deconver's training step (``csrc/ndc_cpu.cpp``): the depth-wise NDC update, the
-channels-last instance norm and the 1x1 convolutions' weight gradient.
+"""Native CPU kernels of Deconver's training step (``csrc/ndc_cpu.cpp``).
+
+Three families: the depth-wise NDC update, the channels-last instance norm and the 1x1 convolutions'
+weight gradient.
 
 The CPU counterpart of :mod:`deconver.nn.ndc_triton`. On channels-last float32 CPU tensors, for a
 depth-wise layer (``G = C``) with ``sc`` in 1, 2, 4 or 8 and ``C`` a multiple of 8 (:func:`supported`),
