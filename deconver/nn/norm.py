@@ -80,5 +80,7 @@ def norm_fn(norm: nn.Module, x: Tensor):
     else :func:`instance_norm` (never PyTorch's channels-last backward); the module itself otherwise."""
     if (isinstance(norm, nn.modules.instancenorm._InstanceNorm) and not norm.affine and not norm.track_running_stats
             and _is_channels_last(x)):
-        return NativeInstanceNorm(norm.eps) if ndc_cpu.norm_supported(x) else functools.partial(instance_norm, eps=norm.eps)
+        if ndc_cpu.norm_supported(x):
+            return NativeInstanceNorm(norm.eps)
+        return functools.partial(instance_norm, eps=norm.eps)
     return norm

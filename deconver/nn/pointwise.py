@@ -12,9 +12,10 @@ the output layout (``channels_last``) at no cost; the gradient of ``h`` comes ba
 In training Deconver computes channels-last (:func:`training_layout`): there, for float32, the product
 and the input's gradient run in oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, the
 kernel PyTorch's own compiler emits for CPU linear layers: about 100 GMAC/s on one AVX-512 core where
-MKL's SGEMM gives 20-45 on the same shapes, docs/nn.md), the weight's gradient in BLAS (a reduction
-over voxels, which oneDNN's inner product cannot read channels-last). ``DECONVER_ONEDNN_LINEAR=0``, or
-a PyTorch without oneDNN, leaves every product to BLAS. :func:`patch_conv` does the same for the
+MKL's SGEMM gives 20-45 on the same shapes, docs/nn.md), the weight's and bias's gradients (a
+reduction over voxels, which oneDNN's inner product cannot read channels-last) in a native kernel
+(:func:`deconver.nn.ndc_cpu.weight_grad`, BLAS where it does not apply). ``DECONVER_ONEDNN_LINEAR=0``,
+or a PyTorch without oneDNN, leaves the products to BLAS. :func:`patch_conv` does the same for the
 stride-2 down- and up-sampling convolutions, as GEMMs on 2x..x2 patches. Elsewhere (CUDA, autocast,
 shape-only tensors, tracers) the modules' own convolutions run: the same values.
 """
@@ -28,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deconver.nn.ndc_ops import _CHANNELS_LAST, _is_channels_last, _is_fake
 from deconver.nn import ndc_cpu
+from deconver.nn.ndc_ops import _CHANNELS_LAST, _is_channels_last, _is_fake
 from deconver.nn.norm import NativeInstanceNorm
 
 __all__ = ["patch_conv", "pointwise", "pointwise_cat", "training_layout"]
@@ -157,7 +158,8 @@ def _gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None, approximate: st
     hr, outr, w2, linear = _rows(h), _rows(out), weight.reshape(o, -1), _onednn_linear()
     buf = torch.empty(_CHUNK_BYTES // 4, dtype=h.dtype)
     for lo, hi in _chunks(hr.shape[0], hr.shape[1]):
-        a = torch.ops.aten.gelu.out(hr[lo:hi], approximate=approximate, out=buf[:(hi - lo) * hr.shape[1]].view(hi - lo, -1))
+        a = torch.ops.aten.gelu.out(hr[lo:hi], approximate=approximate,
+                                    out=buf[:(hi - lo) * hr.shape[1]].view(hi - lo, -1))
         outr[lo:hi].copy_(linear(a, w2, bias, "none", [], ""))
     return out
 
@@ -314,7 +316,8 @@ class _PatchConv(torch.autograd.Function):
         w2 = _patch_weight(weight, transposed)
         linear = _onednn_linear()
         if not transposed:  # patches (B * S/2^d, 2^d C) -> (B * S/2^d, O)
-            return _from_rows(linear(_space_to_depth(x), w2, bias, "none", [], ""), (x.shape[0], 0, *[n // 2 for n in x.shape[2:]]))
+            half = (x.shape[0], 0, *[n // 2 for n in x.shape[2:]])
+            return _from_rows(linear(_space_to_depth(x), w2, bias, "none", [], ""), half)
         b = None if bias is None else bias.repeat(2 ** (x.dim() - 2))  # (offset, channel) columns
         return _depth_to_space(linear(_rows(x), w2, b, "none", [], ""), x.shape[0], x.shape[2:])
 
