@@ -169,13 +169,13 @@ def _call(name: str, sc: int | None, geometry: ctypes.Array, *args) -> None:
     images channels-last with the geometry's batch, spatial size and ``C`` or ``C*sc`` channels, tables
     contiguous (a wrong one would be read as garbage, not refused)."""
     n, d, hh, w, c = geometry[:5]
-    sc_ = 1 if sc is None else sc
+    channels = (c, c * (1 if sc is None else sc))
     for i, a in enumerate(args):
         if not isinstance(a, Tensor):
             continue
         if a.dim() >= 4:
             ok = (a.dim() - 2 in _CHANNELS_LAST and a.is_contiguous(memory_format=_CHANNELS_LAST[a.dim() - 2])
-                  and a.shape[0] == n and a.shape[1] in (c, c * sc_) and tuple(a.shape[2:]) == (d, hh, w)[-(a.dim() - 2):])
+                  and a.shape[0] == n and a.shape[1] in channels and tuple(a.shape[2:]) == (d, hh, w)[-(a.dim() - 2):])
         else:
             ok = a.is_contiguous()
         if not (ok and a.dtype == torch.float32 and a.device.type == "cpu"):
