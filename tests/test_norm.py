@@ -32,11 +32,13 @@ def native():
 
 @pytest.mark.parametrize("batch,channels,spatial", GEOMETRIES)
 @pytest.mark.parametrize("offset", [0.0, 50.0])
-def test_native_norm_matches_float64_reference(native, batch, channels, spatial, offset):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_norm_matches_float64_reference(native, batch, channels, spatial, offset, threads):
     """Output and input gradient equal float64 ``F.instance_norm`` on NC(D)HW to float32 rounding, also
-    with a mean 50 standard deviations away from 0 (the variance is taken around the mean); the output
-    and the gradient are channels-last, and the node is the native one."""
+    with a mean 50 standard deviations away from 0 (the variance is taken around the mean), with one
+    and three threads; the output and the gradient are channels-last, and the node is the native one."""
     torch.manual_seed(0)
+    torch.set_num_threads(threads)
     fmt = FORMATS[len(spatial)]
     x = (torch.randn(batch, channels, *spatial) + offset).contiguous(memory_format=fmt).requires_grad_()
     gy = torch.randn(batch, channels, *spatial).contiguous(memory_format=fmt)
