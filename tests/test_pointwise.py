@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from deconver.nn import Deconver, DeconverBlock
+from deconver.nn import patchconv as pc
 from deconver.nn import pointwise as pw
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,7 +101,8 @@ def test_block_trains_channels_last_without_layout_copies():
         y = block(x)
         y.backward(torch.ones_like(y))
     assert _layout(y) == "cl" and _layout(x.grad) == "cl"
-    big = [e for e in prof.events() if e.name == "aten::copy_" and e.input_shapes and e.input_shapes[0][2:] == [8, 8, 8]]
+    big = [e for e in prof.events()
+           if e.name == "aten::copy_" and e.input_shapes and e.input_shapes[0][2:] == [8, 8, 8]]
     assert not big, [e.input_shapes for e in big]
     assert _layout(block(torch.rand(1, 8, 8, 8, 8, requires_grad=True))) == "cl"
     with torch.no_grad():  # inference keeps the plain modules and NC(D)HW
@@ -175,7 +177,7 @@ def test_patch_convolution_matches_the_module(dims, transposed):
     conv, ref_conv = cls(6, 10, 2, stride=2), cls(6, 10, 2, stride=2).double()
     ref_conv.load_state_dict(conv.state_dict())
     x = torch.randn(2, 6, *[4, 6, 8][:dims]).contiguous(memory_format=FORMATS[dims]).requires_grad_()
-    y = pw.patch_conv(x, conv)
+    y = pc.patch_conv(x, conv)
     assert y.grad_fn.name() == "_PatchConvBackward" and _layout(y) == "cl"
     gy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, *conv.parameters()], gy)
@@ -193,11 +195,11 @@ def test_patch_convolution_falls_back_where_it_does_not_apply():
     cl = torch.randn(1, 4, 4, 6, 8).contiguous(memory_format=torch.channels_last_3d)
     down64 = torch.nn.Conv3d(4, 8, 2, stride=2).double()
     for x, conv in [(cl[:, :, :3], down), (cl.double(), down64), (cl, torch.nn.Conv3d(4, 8, 2))]:
-        y = pw.patch_conv(x.requires_grad_() if x.is_leaf else x, conv)
+        y = pc.patch_conv(x.requires_grad_() if x.is_leaf else x, conv)
         assert y.grad_fn.name() != "_PatchConvBackward"
         assert torch.allclose(y, conv(x.contiguous()))
     with torch.no_grad():
-        assert _layout(pw.patch_conv(cl, down)) == "nc"
+        assert _layout(pc.patch_conv(cl, down)) == "nc"
 
 
 def test_onednn_products_can_be_turned_off(monkeypatch):
@@ -260,3 +262,22 @@ def test_product_benchmark_times_both_paths(tmp_path):
         (p, part) for p in ("16->16", "16->64", "64->16") for part in ("forward", "input gradient", "weight gradient")]
     assert all(r["blas_nc_s"] > 0 and r["channels_last_s"] > 0 for r in report["results"])
     assert "provenance" in report and report["geometry"]["ratio"] == 4
+
+
+def test_a_broken_onednn_op_falls_back_to_blas_with_a_warning(monkeypatch):
+    """Where the private op is missing or computes a wrong product (a future PyTorch may change it), one
+    warning says so and the products run in BLAS, with the same values."""
+    pw._onednn_probe.cache_clear()
+    def wrong(x, w, b, *rest):
+        return torch.zeros(x.shape[0], w.shape[0])
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", wrong, raising=False)
+    try:
+        with pytest.warns(RuntimeWarning, match="wrong product"):
+            assert pw._onednn_linear() is None
+        h = torch.randn(1, 8, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+        w = torch.randn(16, 8, 1, 1, 1)
+        assert torch.allclose(pw._gemm_forward(h, w, None, True), torch.nn.functional.conv3d(h, w), atol=1e-5)
+    finally:
+        monkeypatch.undo()
+        pw._onednn_probe.cache_clear()

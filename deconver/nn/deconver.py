@@ -16,7 +16,8 @@ from torch.utils.checkpoint import checkpoint
 from deconver.nn.ndc import IMPLEMENTATIONS, NDC, _as_kernel
 from deconver.nn.ndc_ops import _is_channels_last
 from deconver.nn.norm import norm_fn
-from deconver.nn.pointwise import patch_conv, pointwise, pointwise_cat, training_layout
+from deconver.nn.patchconv import patch_conv
+from deconver.nn.pointwise import pointwise, pointwise_cat, training_layout
 from deconver.nn.presets import PRESETS
 
 __all__ = ["DeconvMixer", "DeconverBlock", "Deconver"]

@@ -15,14 +15,16 @@ kernel PyTorch's own compiler emits for CPU linear layers: about 100 GMAC/s on o
 MKL's SGEMM gives 20-45 on the same shapes, docs/nn.md), the weight's and bias's gradients (a
 reduction over voxels, which oneDNN's inner product cannot read channels-last) in a native kernel
 (:func:`deconver.nn.ndc_cpu.weight_grad`, BLAS where it does not apply). ``DECONVER_ONEDNN_LINEAR=0``,
-or a PyTorch without oneDNN, leaves the products to BLAS. :func:`patch_conv` does the same for the
-stride-2 down- and up-sampling convolutions, as GEMMs on 2x..x2 patches. Elsewhere (CUDA, autocast,
+or a PyTorch without oneDNN, leaves the products to BLAS. :mod:`deconver.nn.patchconv` does the same
+for the stride-2 down- and up-sampling convolutions, as GEMMs on 2x..x2 patches. Elsewhere (CUDA, autocast,
 shape-only tensors, tracers) the modules' own convolutions run: the same values.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -33,7 +35,7 @@ from deconver.nn import ndc_cpu
 from deconver.nn.ndc_ops import _CHANNELS_LAST, _is_channels_last, _is_fake
 from deconver.nn.norm import NativeInstanceNorm
 
-__all__ = ["patch_conv", "pointwise", "pointwise_cat", "training_layout"]
+__all__ = ["pointwise", "pointwise_cat", "training_layout"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _GEMM_DTYPES = (torch.float32, torch.float64)
@@ -51,10 +53,30 @@ def _matrices(t: Tensor) -> Tensor:
 
 def _onednn_linear():
     """oneDNN's inner product on dense CPU tensors (``torch.ops.mkldnn._linear_pointwise``: ``X W^T + b``
-    for a row-major ``X``), or None where PyTorch was built without it or ``DECONVER_ONEDNN_LINEAR=0``."""
-    if os.environ.get("DECONVER_ONEDNN_LINEAR", "1") == "0" or not torch.backends.mkldnn.is_available():
+    for a row-major ``X``), or None where ``DECONVER_ONEDNN_LINEAR=0`` or :func:`_onednn_probe` fails."""
+    if os.environ.get("DECONVER_ONEDNN_LINEAR", "1") == "0":
         return None
-    return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    return _onednn_probe()
+
+
+@functools.cache
+def _onednn_probe():
+    """The op, once it has computed one small product right in this process; else None, with one
+    warning naming why (a PyTorch built without oneDNN, or whose private op changed: it is the kernel
+    PyTorch's own compiler emits for CPU linear layers, not a documented API)."""
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    why = "PyTorch was built without oneDNN" if not torch.backends.mkldnn.is_available() or op is None else ""
+    if not why:
+        x, w, b = torch.arange(6.0).view(3, 2), torch.tensor([[1.0, -2.0], [0.5, 3.0]]), torch.tensor([1.0, 2.0])
+        try:
+            if torch.equal(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t())):
+                return op
+            why = "it gave a wrong product"
+        except (RuntimeError, TypeError) as err:
+            why = f"it failed: {err}"
+    warnings.warn(f"oneDNN's inner product (torch.ops.mkldnn._linear_pointwise) is not used: {why}; the 1x1 "
+                  "convolutions run in BLAS", RuntimeWarning, stacklevel=2)
+    return None
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -282,73 +304,6 @@ def pointwise_cat(xs: Sequence[Tensor], linear: nn.Module, channels_last: bool =
     return linear(torch.cat(list(xs), dim=1))
 
 
-def _space_to_depth(x: Tensor) -> Tensor:
-    """A channels-last ``(B, C, *S)`` tensor as the ``(B * prod(S / 2), 2^d * C)`` matrix of its 2x..x2
-    patches (a copy; columns ordered (offset, channel), offsets row-major)."""
-    b, c, *spatial = x.shape
-    d = len(spatial)
-    last = x.permute(0, *range(2, d + 2), 1)  # (B, *S, C) view of x's memory
-    split = last.reshape(b, *[n for s in spatial for n in (s // 2, 2)], c)  # (B, S1/2, 2, S2/2, 2, ..., C)
-    return split.permute(0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2), 2 * d + 1).reshape(-1, 2 ** d * c)
-
-
-def _depth_to_space(m: Tensor, b: int, half: Sequence[int]) -> Tensor:
-    """The inverse of :func:`_space_to_depth`: the patch matrix ``m`` as a new channels-last tensor of
-    spatial size ``2 * half``."""
-    d = len(half)
-    c = m.shape[1] // 2 ** d
-    out = torch.empty((b, c, *[2 * n for n in half]), dtype=m.dtype, memory_format=_CHANNELS_LAST[d])
-    dst = out.permute(0, *range(2, d + 2), 1).view(b, *[n for s in half for n in (s, 2)], c)
-    order = [0] + [v for i in range(d) for v in (1 + i, 1 + d + i)] + [2 * d + 1]  # (B, S1/2, 2, ...) from patches
-    dst.copy_(m.view(b, *half, *[2] * d, c).permute(*order))
-    return out
-
-
-class _PatchConv(torch.autograd.Function):
-    """A 2x..x2, stride-2 convolution (``transposed``: its transpose) of a channels-last float32 tensor
-    as one oneDNN GEMM on the tensor's patches, output channels-last. ``weight`` as the module's:
-    ``(O, C, 2, .., 2)`` for the convolution, ``(C, O, 2, .., 2)`` transposed."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool):
-        ctx.save_for_backward(x, weight)
-        ctx.transposed, ctx.has_bias = transposed, bias is not None
-        w2 = _patch_weight(weight, transposed)
-        linear = _onednn_linear()
-        if not transposed:  # patches (B * S/2^d, 2^d C) -> (B * S/2^d, O)
-            half = (x.shape[0], 0, *[n // 2 for n in x.shape[2:]])
-            return _from_rows(linear(_space_to_depth(x), w2, bias, "none", [], ""), half)
-        b = None if bias is None else bias.repeat(2 ** (x.dim() - 2))  # (offset, channel) columns
-        return _depth_to_space(linear(_rows(x), w2, b, "none", [], ""), x.shape[0], x.shape[2:])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        w2 = _patch_weight(weight, ctx.transposed)
-        grad = grad.contiguous(memory_format=_CHANNELS_LAST[grad.dim() - 2])
-        linear = _onednn_linear()
-        g_x = g_w = g_b = None
-        if not ctx.transposed:
-            gr = _rows(grad)
-            if need_x:
-                g_x = _depth_to_space(linear(gr, w2.t().contiguous(), None, "none", [], ""), x.shape[0],
-                                      grad.shape[2:])
-            if need_w or need_b:
-                g_w, g_b = _weight_grad(gr, _space_to_depth(x), need_b)
-        else:
-            gp = _space_to_depth(grad)
-            if need_x:
-                g_x = _from_rows(linear(gp, w2.t().contiguous(), None, "none", [], ""), x.shape)
-            if need_w:
-                g_w = _weight_grad(gp, _rows(x), False)[0]
-            if need_b:
-                g_b = gp.view(gp.shape[0], -1, grad.shape[1]).sum(dim=(0, 1))
-        if g_w is not None:
-            g_w = _unpatch_weight(g_w, weight, ctx.transposed)
-        return g_x, g_w, g_b, None
-
-
 def _weight_grad(g: Tensor, x: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
     """``(g^T x, g's column sums if bias)`` for row-major ``g`` ``(V, O)`` and ``x`` ``(V, C)``: the native
     kernel where it takes them (:func:`ndc_cpu.weight_grad`), else BLAS."""
@@ -357,41 +312,11 @@ def _weight_grad(g: Tensor, x: Tensor, bias: bool) -> tuple[Tensor, Tensor | Non
     return torch.mm(g.t(), x), (g.sum(0) if bias else None)
 
 
-def _patch_weight(weight: Tensor, transposed: bool) -> Tensor:
-    """The module's weight as the GEMM's ``(N, K)`` matrix: ``(O, (offset, C))``, or ``((offset, O), C)``
-    transposed."""
-    d = weight.dim() - 2
-    offsets = range(2, d + 2)
-    if transposed:  # (C, O, *k) -> (*k, O, C)
-        return weight.permute(*offsets, 1, 0).reshape(-1, weight.shape[0])
-    return weight.permute(0, *offsets, 1).reshape(weight.shape[0], -1)  # (O, *k, C)
-
-
-def _unpatch_weight(g: Tensor, weight: Tensor, transposed: bool) -> Tensor:
-    """A gradient shaped like :func:`_patch_weight`'s matrix, back in the module weight's shape."""
-    d = weight.dim() - 2
-    if transposed:  # (*k, O, C) -> (C, O, *k)
-        return g.view(*weight.shape[2:], weight.shape[1], weight.shape[0]).permute(d + 1, d, *range(d)).contiguous()
-    return g.view(weight.shape[0], *weight.shape[2:], weight.shape[1]).permute(0, d + 1, *range(1, d + 1)).contiguous()
-
-
-def patch_conv(x: Tensor, conv: nn.Module) -> Tensor:
-    """``conv(x)`` for a ``Conv{d}d``/``ConvTranspose{d}d`` of kernel 2 and stride 2: in training on the
-    CPU, for a channels-last float32 ``x`` with oneDNN's inner product available, as one GEMM on
-    patches, channels-last in and out (:class:`_PatchConv`; the convolutions' own backward is several
-    times slower channels-last); otherwise the module on ``x`` in NC(D)HW."""
-    transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
-    if (torch.is_grad_enabled() and _gemm_ok(x) and _onednn_ok(x) and tuple(conv.kernel_size) == tuple(conv.stride)
-            == (2,) * (x.dim() - 2) and not any(conv.padding) and conv.groups == 1
-            and (transposed or all(s % 2 == 0 for s in x.shape[2:]))):
-        return _PatchConv.apply(x, conv.weight, conv.bias, transposed)
-    return conv(x.contiguous())
-
-
 def training_layout(x: Tensor) -> Tensor:
     """``x`` in the layout Deconver trains in: channels-last on the CPU GEMM path (2D/3D), where the
     1x1 convolutions run in oneDNN, the norms on the native kernels (:mod:`deconver.nn.norm`), the NDC
-    in its own layout and the stride-2 convolutions as GEMMs on patches (:func:`patch_conv`), with no
+    in its own layout and the stride-2 convolutions as GEMMs on patches
+    (:func:`deconver.nn.patchconv.patch_conv`), with no
     layout copy between them; ``x`` as it is elsewhere (and without gradients: inference keeps NC(D)HW)."""
     if x.dim() - 2 in _CHANNELS_LAST and torch.is_grad_enabled() and _gemm_ok(x):
         return x.contiguous(memory_format=_CHANNELS_LAST[x.dim() - 2])
