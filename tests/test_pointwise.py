@@ -109,20 +109,23 @@ def test_block_trains_channels_last_without_layout_copies():
         assert _layout(block(torch.rand(1, 8, 8, 8, 8))) == "nc"
 
 
-@pytest.mark.parametrize("dims,threads", [(3, 1), (2, 1), (3, 2)])
-def test_float32_training_path_matches_float64(monkeypatch, dims, threads):
+@pytest.mark.parametrize("dims,threads,native", [(3, 1, True), (2, 1, True), (3, 2, True), (3, 1, False)])
+def test_float32_training_path_matches_float64(monkeypatch, dims, threads, native):
     """The float32 CPU training path (channels-last blocks; oneDNN's products, the native norms and
     weight gradients, the chunked GELU, the stride-2 convolutions on patches; each asserted to have run)
     gives the float64 NC(D)HW convolutions' values and gradients to float32 rounding, at batch 1 and 2,
-    in 2D and 3D, with one and two threads."""
+    in 2D and 3D, with one and two threads; and so does it without the native kernels
+    (``DECONVER_NDC_FUSED=0``: composite norms, BLAS weight gradients)."""
     torch.manual_seed(6)
     torch.set_num_threads(threads)
+    if not native:
+        monkeypatch.setenv("DECONVER_NDC_FUSED", "0")
     net = Deconver(dims, 2, 2, channels=(16, 32))
     ref = Deconver(dims, 2, 2, channels=(16, 32)).double()
     ref.load_state_dict(net.state_dict())
     monkeypatch.setattr(pw, "_CHUNK_BYTES", 4096)  # several GELU chunks
-    native, calls = pw.ndc_cpu.weight_grad, []
-    monkeypatch.setattr(pw.ndc_cpu, "weight_grad", lambda *args: calls.append(args) or native(*args))
+    kernel, calls = pw.ndc_cpu.weight_grad, []
+    monkeypatch.setattr(pw.ndc_cpu, "weight_grad", lambda *args: calls.append(args) or kernel(*args))
     spatial = [8, 6, 4][:dims]
     for batch in (1, 2):
         x = torch.rand(batch, 2, *spatial)
@@ -131,8 +134,9 @@ def test_float32_training_path_matches_float64(monkeypatch, dims, threads):
             y = net(x)
             grads = torch.autograd.grad(y, list(net.parameters()), gy)
         names = {e.name for e in prof.events()}
-        assert {"mkldnn::_linear_pointwise", "_InstanceNorm", "_PatchConv"} <= names, names
-        assert calls  # the native weight-gradient kernel (called through ctypes: not in the profile)
+        assert {"mkldnn::_linear_pointwise", "_PatchConv"} <= names, names
+        assert ("_InstanceNorm" in names) == native
+        assert bool(calls) == native  # the native weight-gradient kernel (through ctypes: not in the profile)
         with monkeypatch.context() as m:
             m.setattr(pw, "_gemm_ok", lambda h: False)
             y_ref = ref(x.double())
