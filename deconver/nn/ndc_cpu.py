@@ -268,6 +268,7 @@ def weight_grad(g: Tensor, x: Tensor, bias: bool) -> tuple[Tensor, Tensor | None
                          "row-major float32 CPU matrices with O % 8 == 0 and C % 16 == 0")
     gw = torch.empty(g.shape[1], x.shape[1], dtype=torch.float32)
     gb = torch.empty(g.shape[1], dtype=torch.float32) if bias else None
-    _library().weight_grad(g.shape[0], g.shape[1], x.shape[1], g.data_ptr(), x.data_ptr(), gw.data_ptr(),
-                           None if gb is None else gb.data_ptr(), torch.get_num_threads())
+    if _library().weight_grad(g.shape[0], g.shape[1], x.shape[1], g.data_ptr(), x.data_ptr(), gw.data_ptr(),
+                              None if gb is None else gb.data_ptr(), torch.get_num_threads()) != 0:
+        raise RuntimeError(f"weight_grad: no kernel for O={g.shape[1]}, C={x.shape[1]}")
     return gw, gb

@@ -201,10 +201,7 @@ def _gelu_linear_backward(grad: Tensor, h: Tensor, weight: Tensor, approximate: 
         for lo, hi in _chunks(hr.shape[0], hr.shape[1]):
             a = torch.ops.aten.gelu.out(hr[lo:hi], approximate=approximate,
                                         out=buf[:(hi - lo) * hr.shape[1]].view(hi - lo, -1))
-            if ndc_cpu.weight_grad_supported(gr[lo:hi], a):
-                g_w += ndc_cpu.weight_grad(gr[lo:hi], a, False)[0]
-            else:
-                g_w.addmm_(gr[lo:hi].t(), a)
+            g_w += _weight_grad(gr[lo:hi], a, False)[0]
         g_w = g_w.view_as(weight)
     if need_b:
         g_b = gr.sum(0)

@@ -396,13 +396,12 @@ template <class F> void channel_sums(int64_t S, int64_t C, int threads, double* 
 
 void norm_forward(const Geo& g, const float* x, float* y, float* mean, float* rstd, float eps, int threads) {
     const int64_t S = g.d * g.h * g.w, C = g.c;
-    std::vector<double> acc(C);
+    std::vector<double> acc(C), m(C);
     for (int64_t n = 0; n < g.n; ++n) {
         const float* xn = x + n * S * C;
         float* mu = mean + n * C;
         float* r = rstd + n * C;
         channel_sums(S, C, threads, acc.data(), [&](int64_t v, int64_t c) { return double(xn[v * C + c]); });
-        std::vector<double> m(C);
         for (int64_t c = 0; c < C; ++c) m[c] = acc[c] / S;
         channel_sums(S, C, threads, acc.data(), [&](int64_t v, int64_t c) {
             double d = xn[v * C + c] - m[c];
@@ -561,7 +560,7 @@ int instance_norm_backward(const int64_t* geo, const float* x, const float* grad
 // 1 if weight_grad takes O outputs and C inputs (O a multiple of 8, C of 16), else 0.
 int weight_grad_supports(int64_t o, int64_t c) { return o > 0 && c > 0 && o % MR == 0 && c % WL == 0; }
 
-// g: (V, O), x: (V, C), gw: (O, C), gb: (O) or null; with weight_grad_supports(O, C).
+// g: (V, O), x: (V, C), gw: (O, C), gb: (O) or null; -1 (nothing written) unless weight_grad_supports(O, C).
 int weight_grad(int64_t v, int64_t o, int64_t c, const float* g, const float* x, float* gw, float* gb, int threads) {
     if (!weight_grad_supports(o, c)) return -1;
     wgrad(v, o, c, g, x, gw, gb, threads);
