@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from deconver.nn.ndc_ops import _CHANNELS_LAST
-from deconver.nn.pointwise import _from_rows, _gemm_ok, _onednn_linear, _onednn_ok, _rows, _weight_grad
+from deconver.nn import pointwise
+from deconver.nn.pointwise import _from_rows, _onednn_linear, _onednn_ok, _rows, _weight_grad
 
 __all__ = ["patch_conv"]
 
@@ -114,8 +115,9 @@ def patch_conv(x: Tensor, conv: nn.Module) -> Tensor:
     patches, channels-last in and out (:class:`_PatchConv`; the convolutions' own backward is several
     times slower channels-last); otherwise the module on ``x`` in NC(D)HW."""
     transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
-    if (torch.is_grad_enabled() and _gemm_ok(x) and _onednn_ok(x) and tuple(conv.kernel_size) == tuple(conv.stride)
-            == (2,) * (x.dim() - 2) and not any(conv.padding) and conv.groups == 1
-            and (transposed or all(s % 2 == 0 for s in x.shape[2:]))):
+    # (the 1x1 path's switch, read through its module: tests that turn that path off turn this one off)
+    if (torch.is_grad_enabled() and pointwise._gemm_ok(x) and _onednn_ok(x)
+            and tuple(conv.kernel_size) == tuple(conv.stride) == (2,) * (x.dim() - 2) and not any(conv.padding)
+            and conv.groups == 1 and (transposed or all(s % 2 == 0 for s in x.shape[2:]))):
         return _PatchConv.apply(x, conv.weight, conv.bias, transposed)
     return conv(x.contiguous())
